@@ -1,0 +1,55 @@
+"""Pure-PyTorch reference for the fused qkv + per-image SVD-LoRA projection.
+
+This is the CPU path of the engine, the training path, and the oracle every Triton kernel is
+tested against. Signature shared with the kernels:
+
+    qkv_lora(x, weight, bias, lora_a, lora_e, lora_b, plan) -> y
+
+Semantics:
+    y = torch.nn.functional.linear(x, weight, bias)                       # [N, T, 3D]
+    for n in range(N):
+        s = plan.image_slots[n]
+        if s < 0: continue                                               # no adapter
+        y[n, :, 0:D]   += ((x[n] @ lora_a[s, 0].T) * lora_e[s, 0]) @ lora_b[s, 0].T   # Q rows
+        y[n, :, 2D:3D] += ((x[n] @ lora_a[s, 1].T) * lora_e[s, 1]) @ lora_b[s, 1].T   # V rows
+    # K rows [D, 2D) are never touched.
+
+Shapes: x [N, T, D]; weight [3D, D]; bias [3D] or None; lora_a [S, 2, R, D] (index 0 = Q,
+1 = V); lora_e [S, 2, R]; lora_b [S, 2, D, R]; ranks below R are zero-padded (E = 0, and the
+padded rows of A / columns of B are zero), which is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .plan import BatchPlan
+
+
+def qkv_lora_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       lora_a: torch.Tensor, lora_e: torch.Tensor, lora_b: torch.Tensor,
+                       plan: BatchPlan) -> torch.Tensor:
+    y = F.linear(x, weight, bias)
+    if not plan.any_active:
+        return y
+    n_img, tokens, d = x.shape
+    r = lora_a.shape[2]
+    slots = plan.image_slots.to(device=x.device, dtype=torch.int64)
+    if plan.all_active:
+        idx, xs = slots, x
+    else:
+        active = torch.nonzero(slots >= 0).flatten()
+        idx, xs = slots[active], x[active]
+    n = idx.shape[0]
+    # One gathered copy of each image's factors (per image, not per token): [n, 2R, D] etc.
+    a = lora_a[idx].reshape(n, 2 * r, d).to(x.dtype)
+    e = lora_e[idx].reshape(n, 1, 2 * r).to(x.dtype)
+    b = lora_b[idx].to(x.dtype)  # [n, 2, D, R]
+    h = torch.bmm(xs, a.transpose(1, 2)) * e  # [n, T, 2R]
+    dq = torch.bmm(h[..., :r], b[:, 0].transpose(1, 2))  # [n, T, D]
+    dv = torch.bmm(h[..., r:], b[:, 1].transpose(1, 2))
+    delta = torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)  # K rows untouched
+    if plan.all_active:
+        return y + delta
+    return y.index_add(0, active, delta)

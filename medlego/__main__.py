@@ -1,0 +1,3 @@
+from medlego.cli import main
+
+raise SystemExit(main())

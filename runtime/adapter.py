@@ -1,0 +1,423 @@
+"""The adapter: an immutable value (tensors + metadata) and its safetensors file format.
+
+File format ``medlego.svd-lora/1`` (documented in the README for other tools):
+
+tensors
+    ``blocks.{i}.q.A`` [r, d], ``blocks.{i}.q.E`` [r], ``blocks.{i}.q.B`` [d, r] and the same
+    with ``v``, for every block i (r may differ per matrix); ``heads.{task}.weight`` [classes, d]
+    and ``heads.{task}.bias`` [classes] for every task.
+header metadata (each value a string; JSON where structured), exactly these keys
+    ``format``, ``base``, ``tasks``, ``preprocess``, ``provenance``, ``created``.
+
+Loading validates everything once and raises :class:`AdapterFormatError` (or
+:class:`IncompatibleAdapterError` for a different base) with one line naming the problem.
+Nothing is ever unpickled: the header is parsed as JSON here and the tensors by safetensors.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+from .errors import AdapterFormatError, IncompatibleAdapterError
+
+FORMAT = "medlego.svd-lora/1"
+METADATA_KEYS = ("format", "base", "tasks", "preprocess", "provenance", "created")
+TARGETS = ("q", "v")  # the adapted rows of the fused qkv output: Q = [0, d), V = [2d, 3d)
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")  # no dots: the name is part of a tensor name
+_HEX = re.compile(r"^[0-9a-f]+$")
+_MAX_HEADER_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """One adapted matrix: ΔW = B · diag(E) · A."""
+
+    A: torch.Tensor  # [r, d_in]
+    E: torch.Tensor  # [r]
+    B: torch.Tensor  # [d_out, r]
+
+    @property
+    def rank(self) -> int:
+        return int(self.E.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """The dense ΔW [d_out, d_in] (for tests, folding and export; never on the request path)."""
+        return (self.B * self.E) @ self.A
+
+    @property
+    def num_params(self) -> int:
+        return self.A.numel() + self.E.numel() + self.B.numel()
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    labels: tuple[str, ...]
+    multilabel: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "labels": list(self.labels), "multilabel": self.multilabel}
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """What an adapter records about the base it was made for."""
+
+    model: str  # timm name
+    fingerprint: str  # hex sha256 of the frozen weights
+    embed_dim: int
+    depth: int
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "fingerprint": self.fingerprint,
+                "embed_dim": self.embed_dim, "depth": self.depth}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """decode → RGB (grey replicated) → resize to input_size² (bilinear, no crop) → [0,1] → (x-mean)/std."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channels: int = 3
+
+    def to_json(self) -> dict:
+        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
+                "channels": self.channels}
+
+
+@dataclass(frozen=True)
+class Head:
+    weight: torch.Tensor  # [classes, d]
+    bias: torch.Tensor  # [classes]
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """An SVD-LoRA adapter: per block a Q and a V low-rank update, plus one head per task."""
+
+    base: BaseSpec
+    tasks: tuple[TaskSpec, ...]
+    preprocess: Preprocess
+    q: tuple[LowRank, ...]  # one per block
+    v: tuple[LowRank, ...]  # one per block
+    heads: Mapping[str, Head]
+    provenance: Mapping = field(default_factory=dict)
+    created: str = ""
+
+    # -- accessors ---------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self.q)
+
+    def matrices(self) -> Iterator[tuple[int, str, LowRank]]:
+        """Every adapted matrix as (block, 'q' | 'v', factors), in file order."""
+        for i in range(self.depth):
+            yield i, "q", self.q[i]
+            yield i, "v", self.v[i]
+
+    def matrix(self, block: int, target: str) -> LowRank:
+        return (self.q if target == "q" else self.v)[block]
+
+    @property
+    def max_rank(self) -> int:
+        return max(m.rank for _, _, m in self.matrices())
+
+    def ranks(self) -> dict[str, int]:
+        return {f"blocks.{i}.{t}": m.rank for i, t, m in self.matrices()}
+
+    def task(self, name: str | None) -> TaskSpec:
+        """The named task, or the only one when name is None."""
+        from .errors import TaskNotFoundError
+
+        if name is None:
+            if len(self.tasks) == 1:
+                return self.tasks[0]
+            raise TaskNotFoundError(
+                f"adapter has {len(self.tasks)} tasks, name one of: {', '.join(self.task_names)}")
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise TaskNotFoundError(f"unknown task '{name}'; this adapter has: {', '.join(self.task_names)}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def lora_params(self) -> int:
+        return sum(m.num_params for _, _, m in self.matrices())
+
+    @property
+    def head_params(self) -> int:
+        return sum(h.weight.numel() + h.bias.numel() for h in self.heads.values())
+
+    def with_provenance(self, provenance: Mapping) -> "Adapter":
+        return replace(self, provenance=dict(provenance))
+
+    # -- file format ---------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, t, m in self.matrices():
+            out[f"blocks.{i}.{t}.A"] = m.A.contiguous()
+            out[f"blocks.{i}.{t}.E"] = m.E.contiguous()
+            out[f"blocks.{i}.{t}.B"] = m.B.contiguous()
+        for task in self.tasks:
+            out[f"heads.{task.name}.weight"] = self.heads[task.name].weight.contiguous()
+            out[f"heads.{task.name}.bias"] = self.heads[task.name].bias.contiguous()
+        return out
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "base": json.dumps(self.base.to_json()),
+            "tasks": json.dumps([t.to_json() for t in self.tasks]),
+            "preprocess": json.dumps(self.preprocess.to_json()),
+            "provenance": json.dumps(dict(self.provenance), sort_keys=True, default=str),
+            "created": self.created or utc_now(),
+        }
+
+    def to_bytes(self) -> bytes:
+        tensors = {k: v.detach().cpu() for k, v in self.tensors().items()}
+        return _st_save(tensors, metadata=self.metadata())
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_adapter(adapter: Adapter, path: str | os.PathLike) -> str:
+    """Write atomically (temp file in the same folder, fsync, rename). Returns the sha256 of the file."""
+    data = adapter.to_bytes()
+    atomic_write(Path(path), data)
+    return sha256_hex(data)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_adapter(path: str | os.PathLike, *, expected_base: BaseSpec | None = None,
+                 max_rank: int | None = None) -> Adapter:
+    """Read and validate an adapter file (see :func:`parse_adapter`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise AdapterFormatError(f"adapter file not found: {p}")
+    return parse_adapter(p.read_bytes(), expected_base=expected_base, max_rank=max_rank)
+
+
+def read_header(data: bytes) -> dict:
+    """The safetensors JSON header, parsed without touching tensor data (and without pickle)."""
+    if len(data) < 8:
+        raise AdapterFormatError("not a safetensors file: shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise AdapterFormatError("not a safetensors file: header length exceeds the file size")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"not a safetensors file: header is not JSON ({e.msg if hasattr(e, 'msg') else e})")
+    if not isinstance(header, dict):
+        raise AdapterFormatError("not a safetensors file: header is not a JSON object")
+    return header
+
+
+def parse_adapter(data: bytes, *, expected_base: BaseSpec | None = None,
+                  max_rank: int | None = None) -> Adapter:
+    """Validate the bytes of an adapter file and build the :class:`Adapter` value.
+
+    ``expected_base``: the resident base; a different fingerprint (or shape) is refused.
+    ``max_rank``: the largest rank the caller can serve; a larger matrix is refused.
+    """
+    header = read_header(data)
+    metadata = header.get("__metadata__") or {}
+    meta = _parse_metadata(metadata)
+    try:
+        tensors = _st_load(data)
+    except Exception as e:  # safetensors raises its own error types for corrupt payloads
+        raise AdapterFormatError(f"corrupt safetensors payload: {e}") from None
+    return _build(meta, tensors, expected_base=expected_base, max_rank=max_rank)
+
+
+# -- validation ------------------------------------------------------------------------------
+
+def _json_field(metadata: Mapping[str, str], key: str):
+    try:
+        return json.loads(metadata[key])
+    except (TypeError, json.JSONDecodeError):
+        raise AdapterFormatError(f"metadata '{key}' is not valid JSON") from None
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise AdapterFormatError(message)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _parse_metadata(metadata: Mapping[str, str]) -> dict:
+    _need(isinstance(metadata, dict), "metadata is not a JSON object")
+    fmt = metadata.get("format")
+    _need(fmt is not None, f"missing metadata 'format' (expected '{FORMAT}'): not a medlego adapter")
+    _need(fmt == FORMAT, f"unsupported adapter format '{fmt}' (expected '{FORMAT}')")
+    for key in METADATA_KEYS:
+        _need(key in metadata, f"missing metadata '{key}'")
+    extra = sorted(set(metadata) - set(METADATA_KEYS))
+    _need(not extra, f"unexpected metadata key(s): {', '.join(extra)} (allowed: {', '.join(METADATA_KEYS)})")
+
+    base = _json_field(metadata, "base")
+    _need(isinstance(base, dict), "metadata 'base' must be a JSON object")
+    for k in ("model", "fingerprint", "embed_dim", "depth"):
+        _need(k in base, f"metadata 'base' lacks '{k}'")
+    _need(isinstance(base["model"], str) and base["model"], "base.model must be a non-empty string")
+    _need(isinstance(base["fingerprint"], str) and bool(_HEX.match(base["fingerprint"])),
+          "base.fingerprint must be a lower-case hex string")
+    _need(_is_int(base["embed_dim"]) and base["embed_dim"] > 0, "base.embed_dim must be a positive integer")
+    _need(_is_int(base["depth"]) and base["depth"] > 0, "base.depth must be a positive integer")
+    base_spec = BaseSpec(base["model"], base["fingerprint"], base["embed_dim"], base["depth"])
+
+    tasks_json = _json_field(metadata, "tasks")
+    _need(isinstance(tasks_json, list) and tasks_json, "metadata 'tasks' must be a non-empty JSON list")
+    tasks: list[TaskSpec] = []
+    for t in tasks_json:
+        _need(isinstance(t, dict) and {"name", "labels", "multilabel"} <= set(t),
+              "each task needs 'name', 'labels' and 'multilabel'")
+        name, labels, ml = t["name"], t["labels"], t["multilabel"]
+        _need(isinstance(name, str) and bool(_TASK_NAME.match(name)),
+              f"task name {name!r} must be letters, digits, '_' or '-'")
+        _need(isinstance(labels, list) and len(labels) >= 1 and all(isinstance(x, str) for x in labels),
+              f"task '{name}': labels must be a non-empty list of strings")
+        _need(len(set(labels)) == len(labels), f"task '{name}': labels are not unique")
+        _need(isinstance(ml, bool), f"task '{name}': multilabel must be true or false")
+        _need(ml or len(labels) >= 2, f"task '{name}': a single-label task needs at least 2 labels")
+        tasks.append(TaskSpec(name, tuple(labels), ml))
+    names = [t.name for t in tasks]
+    _need(len(set(names)) == len(names), "task names are not unique")
+
+    pp = _json_field(metadata, "preprocess")
+    _need(isinstance(pp, dict), "metadata 'preprocess' must be a JSON object")
+    for k in ("input_size", "mean", "std", "channels"):
+        _need(k in pp, f"metadata 'preprocess' lacks '{k}'")
+    _need(_is_int(pp["input_size"]) and pp["input_size"] > 0, "preprocess.input_size must be a positive integer")
+    for k in ("mean", "std"):
+        _need(isinstance(pp[k], list) and len(pp[k]) == 3 and all(_is_num(x) for x in pp[k]),
+              f"preprocess.{k} must be a list of 3 numbers")
+    _need(all(x > 0 for x in pp["std"]), "preprocess.std must be positive")
+    _need(pp["channels"] == 3, f"preprocess.channels must be 3 (RGB; grey is replicated), got {pp['channels']!r}")
+    preprocess = Preprocess(pp["input_size"], tuple(float(x) for x in pp["mean"]),
+                            tuple(float(x) for x in pp["std"]), 3)
+
+    provenance = _json_field(metadata, "provenance")
+    _need(isinstance(provenance, dict), "metadata 'provenance' must be a JSON object")
+    created = metadata["created"]
+    try:
+        _dt.datetime.fromisoformat(created.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        raise AdapterFormatError(f"metadata 'created' is not an ISO 8601 time: {created!r}") from None
+    return {"base": base_spec, "tasks": tuple(tasks), "preprocess": preprocess,
+            "provenance": provenance, "created": created}
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_compatible(adapter_base: BaseSpec, resident: BaseSpec) -> None:
+    """Refuse an adapter made for another base (one line naming both)."""
+    if adapter_base.fingerprint != resident.fingerprint:
+        raise IncompatibleAdapterError(
+            f"adapter was made for base {adapter_base.model} (fingerprint {adapter_base.fingerprint[:16]}…), "
+            f"but the resident base is {resident.model} (fingerprint {resident.fingerprint[:16]}…)")
+    if (adapter_base.embed_dim, adapter_base.depth) != (resident.embed_dim, resident.depth):
+        raise IncompatibleAdapterError(
+            f"adapter base shape (embed_dim={adapter_base.embed_dim}, depth={adapter_base.depth}) differs from "
+            f"the resident base (embed_dim={resident.embed_dim}, depth={resident.depth})")
+
+
+def _build(meta: dict, tensors: Mapping[str, torch.Tensor], *, expected_base: BaseSpec | None,
+           max_rank: int | None) -> Adapter:
+    base: BaseSpec = meta["base"]
+    if expected_base is not None:
+        check_compatible(base, expected_base)
+    d, depth = base.embed_dim, base.depth
+    expected: list[str] = []
+    for i in range(depth):
+        for t in TARGETS:
+            expected += [f"blocks.{i}.{t}.A", f"blocks.{i}.{t}.E", f"blocks.{i}.{t}.B"]
+    for task in meta["tasks"]:
+        expected += [f"heads.{task.name}.weight", f"heads.{task.name}.bias"]
+    missing = [k for k in expected if k not in tensors]
+    _need(not missing, f"missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(tensors) - set(expected))
+    _need(not extra, f"unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+    for name in expected:
+        t = tensors[name]
+        _need(t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+              f"tensor '{name}' has dtype {t.dtype}, expected a floating-point dtype")
+        _need(bool(torch.isfinite(t).all()), f"tensor '{name}' has non-finite values (NaN or Inf)")
+
+    def factors(i: int, t: str) -> LowRank:
+        a, e, b = (tensors[f"blocks.{i}.{t}.{k}"] for k in "AEB")
+        _need(a.dim() == 2 and a.shape[1] == d and a.shape[0] >= 1,
+              f"tensor 'blocks.{i}.{t}.A' has shape {_shape(a)}, expected [r, {d}] with r >= 1")
+        r = a.shape[0]
+        _need(tuple(e.shape) == (r,), f"tensor 'blocks.{i}.{t}.E' has shape {_shape(e)}, expected [{r}] (rank from blocks.{i}.{t}.A)")
+        _need(tuple(b.shape) == (d, r), f"tensor 'blocks.{i}.{t}.B' has shape {_shape(b)}, expected [{d}, {r}] (rank from blocks.{i}.{t}.A)")
+        if max_rank is not None:
+            _need(r <= max_rank, f"matrix 'blocks.{i}.{t}' has rank {r}, above the configured maximum {max_rank}")
+        return LowRank(a, e, b)
+
+    q = tuple(factors(i, "q") for i in range(depth))
+    v = tuple(factors(i, "v") for i in range(depth))
+    heads: dict[str, Head] = {}
+    for task in meta["tasks"]:
+        w, bias = tensors[f"heads.{task.name}.weight"], tensors[f"heads.{task.name}.bias"]
+        c = task.num_classes
+        _need(w.dim() == 2 and w.shape[1] == d,
+              f"tensor 'heads.{task.name}.weight' has shape {_shape(w)}, expected [{c}, {d}]")
+        _need(w.shape[0] == c, f"head '{task.name}' has {w.shape[0]} classes but task '{task.name}' has {c} labels")
+        _need(tuple(bias.shape) == (c,), f"tensor 'heads.{task.name}.bias' has shape {_shape(bias)}, expected [{c}]")
+        heads[task.name] = Head(w, bias)
+    return Adapter(base=base, tasks=meta["tasks"], preprocess=meta["preprocess"], q=q, v=v, heads=heads,
+                   provenance=meta["provenance"], created=meta["created"])
