@@ -387,9 +387,13 @@ def _build(meta: dict, tensors: Mapping[str, torch.Tensor], *, expected_base: Ba
     for task in meta["tasks"]:
         expected += [f"heads.{task.name}.weight", f"heads.{task.name}.bias"]
     missing = [k for k in expected if k not in tensors]
-    _need(not missing, f"missing tensor '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise AdapterFormatError(f"missing tensor '{missing[0]}'{more}")
     extra = sorted(set(tensors) - set(expected))
-    _need(not extra, f"unexpected tensor '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise AdapterFormatError(f"unexpected tensor '{extra[0]}'{more}")
 
     for name in expected:
         t = tensors[name]
