@@ -30,7 +30,6 @@ from typing import Iterator, Mapping
 
 import torch
 from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 
 from .errors import AdapterFormatError, IncompatibleAdapterError
 
@@ -197,8 +196,28 @@ class Adapter:
         }
 
     def to_bytes(self) -> bytes:
-        tensors = {k: v.detach().cpu() for k, v in self.tensors().items()}
-        return _st_save(tensors, metadata=self.metadata())
+        return serialize_safetensors(self.tensors(), self.metadata())
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """safetensors bytes with a deterministic header (sorted keys), so equal adapters hash equal.
+
+    (The reference writer orders metadata by hash map, which changes the bytes from run to run.)
+    """
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data section to 8 bytes
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
 
 
 def utc_now() -> str:

@@ -1,0 +1,101 @@
+"""The engine: mixed adapters/ranks/tasks per batch equal a folded single-image forward."""
+
+import pytest
+import torch
+
+from medlego.runtime.adapter import TaskSpec
+from medlego.runtime.engine import Engine, EngineConfig
+from medlego.runtime.errors import AdapterNotFoundError, TaskNotFoundError
+from medlego.runtime.model import fold_adapter, pooled_features
+from medlego.runtime.registry import Registry
+
+
+def _expected(base, adapter, image, task):
+    f = pooled_features(fold_adapter(base.model, adapter), image.unsqueeze(0))
+    h = adapter.heads[task.name]
+    logits = f @ h.weight.T + h.bias
+    return (torch.sigmoid(logits) if task.multilabel else torch.softmax(logits, -1))[0]
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_base, make_adapter):
+    reg = Registry(tmp_path / "data")
+    depth = tiny_base.depth
+    two_tasks = [TaskSpec("blood", tuple(f"b{i}" for i in range(8))),
+                 TaskSpec("chest", tuple(f"c{i}" for i in range(14)), multilabel=True)]
+    adapters = {
+        "r1": make_adapter(seed=1, rank=1),
+        "mixed": make_adapter(seed=2, rank=[1 + (i % 6) for i in range(2 * depth)]),
+        "merged": make_adapter(seed=3, rank=8, tasks=two_tasks),
+        "r4": make_adapter(seed=4, rank=4, tasks=[TaskSpec("derma", tuple("abcdefg"))]),
+    }
+    for name, ad in adapters.items():
+        reg.register(name, ad.to_bytes())
+    return reg, adapters
+
+
+def test_mixed_batch_matches_folded_model(setup, tiny_base):
+    reg, adapters = setup
+    engine = Engine(tiny_base, reg, EngineConfig(slots=8))
+    torch.manual_seed(0)
+    images = torch.randn(9, 3, 32, 32)
+    refs = ["r1", "mixed", None, "merged", "merged", "r4", None, "mixed", "r1@1"]
+    tasks = [None, None, None, "blood", "chest", None, None, None, None]
+    out = engine.infer(images, refs, tasks)
+    for n, (ref, task_name, res) in enumerate(zip(refs, tasks, out)):
+        if ref is None:
+            assert res.probabilities is None
+            ref_emb = pooled_features(tiny_base.model, images[n:n + 1])[0]
+            assert torch.allclose(torch.tensor(res.embedding), ref_emb, atol=1e-4)
+            continue
+        name = ref.split("@")[0]
+        ad = adapters[name]
+        task = ad.task(task_name)
+        got = torch.tensor([res.probabilities[lab] for lab in task.labels])
+        assert (got - _expected(tiny_base, ad, images[n], task)).abs().max() < 1e-4
+        assert res.adapter == name and res.version == 1 and res.task == task.name
+        assert res.sha256 == reg.resolve(name).sha256
+        assert len(res.probabilities) == task.num_classes
+        assert res.top[0][1] == max(res.probabilities.values())
+    assert out[4].multilabel and not out[3].multilabel
+
+
+def test_eviction_and_reload_keep_answers(setup, tiny_base):
+    reg, _ = setup
+    engine = Engine(tiny_base, reg, EngineConfig(slots=2))
+    torch.manual_seed(1)
+    images = torch.randn(4, 3, 32, 32)
+    refs = ["r1", "mixed", "r4", "merged"]
+    tasks = [None, None, None, "blood"]
+    first = engine.infer(images, refs, tasks)
+    assert engine.counters.total("pool_evictions") > 0  # 4 adapters through 2 slots
+    for sha in list(engine.pool.resident()):
+        engine.pool.evict(sha)
+    again = engine.infer(images, refs, tasks)
+    for a, b in zip(first, again):
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
+
+
+def test_pinned_adapter_never_evicted(setup, tiny_base):
+    reg, _ = setup
+    reg.pin("r1")
+    engine = Engine(tiny_base, reg, EngineConfig(slots=2))
+    x = torch.randn(1, 3, 32, 32)
+    engine.infer(x, ["r1"])
+    pinned_sha = reg.resolve("r1").sha256
+    for ref in ["mixed", "r4", "merged", "mixed", "r4"]:
+        engine.infer(x, [ref], ["blood" if ref == "merged" else None])
+        assert pinned_sha in engine.pool.resident()
+    assert engine.pool.evict(pinned_sha) is False
+
+
+def test_unknown_adapter_and_task_errors(setup, tiny_base):
+    reg, _ = setup
+    engine = Engine(tiny_base, reg)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(AdapterNotFoundError, match="registered: .*merged.*r1"):
+        engine.infer(x, ["nope"])
+    with pytest.raises(TaskNotFoundError, match="blood, chest"):
+        engine.infer(x, ["merged"], [None])  # two tasks: must name one
+    with pytest.raises(TaskNotFoundError, match="unknown task 'lung'"):
+        engine.infer(x, ["r4"], ["lung"])

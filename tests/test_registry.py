@@ -1,0 +1,127 @@
+"""Registry: versions, aliases, pins, deletes, validation, crash safety, two processes at once."""
+
+import multiprocessing as mp
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from medlego.runtime.adapter import parse_adapter
+from medlego.runtime.errors import (AdapterFormatError, AdapterNotFoundError, AdapterPinnedError, ConflictError,
+                                    IncompatibleAdapterError)
+from medlego.runtime.registry import Registry
+
+
+def test_versions_aliases_pins_delete(tmp_path, tiny_base, make_adapter):
+    reg = Registry(tmp_path, base=tiny_base.spec, input_size=tiny_base.input_size)
+    a, b = make_adapter(seed=1), make_adapter(seed=2)
+    e1 = reg.register("blood", a.to_bytes())
+    e2 = reg.register("blood", b.to_bytes())
+    assert (e1.version, e2.version) == (1, 2)
+    assert reg.resolve("blood").version == 2 and reg.resolve("blood@1").sha256 == e1.sha256
+    assert e1.path.name == f"{e1.sha256}.safetensors" and e1.path.read_bytes() == a.to_bytes()
+    reg.set_alias("general", "blood@1")
+    assert reg.resolve("general").ref == "blood@1"
+    reg.set_alias("general", "blood@2")  # roll forward
+    assert reg.resolve("general").ref == "blood@2"
+    with pytest.raises(ConflictError, match="alias 'general'"):
+        reg.delete("blood", 2)
+    reg.set_alias("general", "blood@1")  # roll back
+    reg.pin("blood@2")
+    with pytest.raises(AdapterPinnedError, match="pinned"):
+        reg.delete("blood", 2)
+    reg.unpin("blood@2")
+    reg.delete("blood", 2)
+    assert not e2.path.exists()  # no row references it any more
+    assert reg.resolve("blood").version == 1
+    with pytest.raises(AdapterNotFoundError, match=r"unknown adapter 'blood@2'; registered: blood, general \(alias\)"):
+        reg.resolve("blood@2")
+    assert [e.ref for e in reg.list()] == ["blood@1"]
+    d = reg.describe("blood")
+    assert d["aliases"] == ["general"] and d["tasks"][0]["name"] == "task1" and d["lora_params"] == a.lora_params
+
+
+def test_registration_validates_against_the_base(tmp_path, tiny_base, make_adapter, other_base_file):
+    from medlego.runtime.base import load_base
+    from medlego.runtime.synthetic import random_adapter
+
+    reg = Registry(tmp_path, base=tiny_base.spec, max_rank=4, input_size=tiny_base.input_size)
+    other = load_base("vit_tiny_patch16_224", other_base_file)
+    foreign = random_adapter(other.spec, other.preprocess, seed=0)
+    with pytest.raises(IncompatibleAdapterError, match="resident base"):
+        reg.register("x", foreign.to_bytes())
+    with pytest.raises(AdapterFormatError, match="rank 8, above the configured maximum 4"):
+        reg.register("x", make_adapter(rank=8).to_bytes())
+    with pytest.raises(AdapterFormatError, match="not a safetensors file"):
+        reg.register("x", b"\x80\x04definitely a pickle")
+    assert reg.list() == [] and list((tmp_path / "store").iterdir()) == []  # nothing written
+
+
+_KILL = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from medlego.runtime.registry import Registry
+    reg = Registry(sys.argv[1])
+    data = Path(sys.argv[2]).read_bytes()
+    os.replace = lambda *a, **k: os._exit(9)   # die between the temp write and its rename
+    reg.register("half", data)
+""")
+
+
+def test_registration_killed_halfway_leaves_no_trace(tmp_path, make_adapter):
+    src = tmp_path / "a.safetensors"
+    src.write_bytes(make_adapter(seed=5).to_bytes())
+    data_dir = tmp_path / "data"
+    Registry(data_dir)
+    proc = subprocess.run([sys.executable, "-c", _KILL, str(data_dir), str(src)])
+    assert proc.returncode == 9
+    temps = list((data_dir / "store").glob(".*.tmp"))
+    assert len(temps) == 1  # the dying process left exactly its temp file
+    reg = Registry(data_dir)  # reopening cleans it up
+    assert list((data_dir / "store").iterdir()) == []
+    assert reg.list() == []
+    with pytest.raises(AdapterNotFoundError):
+        reg.resolve("half")
+
+
+def _writer(data_dir, payloads, n):
+    reg = Registry(data_dir)
+    for i in range(n):
+        reg.register("shared", payloads[i % len(payloads)])
+
+
+def _reader(data_dir, n, q):
+    reg = Registry(data_dir)
+    seen, bad = 0, 0
+    for _ in range(n):
+        try:
+            e = reg.resolve("shared")
+        except AdapterNotFoundError:
+            continue
+        try:
+            parse_adapter(reg.read_bytes(e))
+            seen += 1
+        except Exception:
+            bad += 1
+    q.put((seen, bad))
+
+
+def test_two_processes_register_and_read_at_once(tmp_path, make_adapter):
+    payloads = [make_adapter(seed=s, rank=2).to_bytes() for s in range(3)]
+    data_dir = str(tmp_path / "data")
+    Registry(data_dir)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(data_dir, payloads, 20)),
+             ctx.Process(target=_writer, args=(data_dir, payloads, 20)),
+             ctx.Process(target=_reader, args=(data_dir, 150, q))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    seen, bad = q.get(timeout=5)
+    assert bad == 0 and seen > 0
+    versions = [e.version for e in Registry(data_dir).list()]
+    assert sorted(versions) == list(range(1, 41))  # every registration got its own version
