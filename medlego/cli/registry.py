@@ -1,0 +1,123 @@
+"""`medlego registry add|list|show|delete|pin|unpin|alias`: the adapter registry for ops teams."""
+
+from __future__ import annotations
+
+import json
+
+from .common import add_base_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("registry", help="register, list, describe, pin and delete adapters")
+    p.add_argument("--data-dir", metavar="DIR", help="registry folder (default $MEDLEGO_DATA_DIR or ~/.medlego)")
+    s = p.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+
+    add = s.add_parser("add", help="validate an adapter file against the base and register it as a new version")
+    add.add_argument("name")
+    add.add_argument("file", metavar="ADAPTER_FILE")
+    add.add_argument("--alias", action="append", default=[], help="also point this alias at the new version")
+    add.add_argument("--max-rank", type=int, default=None, help="refuse adapters above this rank")
+    add_base_args(add, required=False)
+    add.set_defaults(func=_add)
+
+    ls = s.add_parser("list", help="every registered version")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_list)
+
+    show = s.add_parser("show", help="metadata, provenance, size, ranks and tasks of NAME[@VERSION] or an alias")
+    show.add_argument("ref")
+    show.set_defaults(func=_show)
+
+    rm = s.add_parser("delete", help="delete NAME@VERSION (or every version of NAME); refused while pinned")
+    rm.add_argument("ref")
+    rm.set_defaults(func=_delete)
+
+    for action in ("pin", "unpin"):
+        q = s.add_parser(action, help=f"{action} NAME[@VERSION] (pinned adapters stay on the device, cannot be deleted)")
+        q.add_argument("ref")
+        q.set_defaults(func=_pin, action=action)
+
+    al = s.add_parser("alias", help="point ALIAS at NAME[@VERSION] (bare NAME follows the latest version)")
+    al.add_argument("alias")
+    al.add_argument("ref", nargs="?", help="target; omit with --remove")
+    al.add_argument("--remove", action="store_true")
+    al.set_defaults(func=_alias)
+
+
+def _registry(args, with_base: bool = False):
+    from medlego.runtime.refs import default_data_dir
+    from medlego.runtime.registry import Registry
+
+    base = None
+    if with_base and getattr(args, "model", None):
+        from .common import load_base_from_args
+
+        base = load_base_from_args(args)
+    return Registry(default_data_dir(args.data_dir), base=base.spec if base else None,
+                    max_rank=getattr(args, "max_rank", None), input_size=base.input_size if base else None)
+
+
+def _add(args) -> int:
+    from pathlib import Path
+
+    from medlego.runtime.errors import BadInputError
+
+    if not args.model:
+        print("note: no --model/--weights given: validated the format only, not the fit to a base")
+    path = Path(args.file)
+    if not path.is_file():
+        raise BadInputError(f"adapter file not found: {path}")
+    e = _registry(args, with_base=True).register(args.name, path.read_bytes(), args.alias)
+    print(f"registered {e.ref} sha256={e.sha256} ({e.size} bytes, tasks: {', '.join(t['name'] for t in e.tasks)})")
+    return 0
+
+
+def _list(args) -> int:
+    reg = _registry(args)
+    entries = reg.list()
+    if args.json:
+        print(json.dumps({"adapters": [e.to_json() for e in entries], "aliases": reg.aliases()}))
+        return 0
+    print(f"{'REF':<28} {'TASKS':<28} {'RANK':>4} {'SIZE':>10}  PINNED  SHA256")
+    for e in entries:
+        tasks = ",".join(t["name"] for t in e.tasks)
+        print(f"{e.ref:<28} {tasks:<28} {e.meta.get('max_rank', 0):>4} {e.size:>10}  {'yes' if e.pinned else 'no':<6}  {e.sha256[:16]}")
+    for alias, target in reg.aliases().items():
+        print(f"alias {alias} -> {target}")
+    return 0
+
+
+def _show(args) -> int:
+    print(json.dumps(_registry(args).describe(args.ref), indent=2))
+    return 0
+
+
+def _delete(args) -> int:
+    from medlego.runtime.registry import parse_ref
+
+    name, version = parse_ref(args.ref)
+    gone = _registry(args).delete(name, version)
+    print("deleted " + ", ".join(e.ref for e in gone))
+    return 0
+
+
+def _pin(args) -> int:
+    reg = _registry(args)
+    e = reg.pin(args.ref) if args.action == "pin" else reg.unpin(args.ref)
+    print(f"{args.action}ned {e.ref}")
+    return 0
+
+
+def _alias(args) -> int:
+    from medlego.runtime.errors import BadInputError
+
+    reg = _registry(args)
+    if args.remove:
+        reg.remove_alias(args.alias)
+        print(f"removed alias {args.alias}")
+        return 0
+    if not args.ref:
+        raise BadInputError("give the alias target NAME[@VERSION], or --remove")
+    e = reg.set_alias(args.alias, args.ref)
+    print(f"alias {args.alias} -> {args.ref} (now {e.ref})")
+    return 0

@@ -1,0 +1,121 @@
+"""Plain LoRA → SVD-LoRA is exact: PEFT (checked against PEFT itself) and the LoRA-ViT layout."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from medlego.runtime.base import read_state_dict
+from medlego.runtime.convert import convert_lora_vit, convert_peft, lowrank_to_svd, make_task
+from medlego.runtime.errors import AdapterFormatError
+from medlego.runtime.model import AdaptedViT, adapter_logits
+
+import peft
+from conftest import TINY_IMG, TINY_MODEL
+
+
+def test_lowrank_to_svd_is_exact_and_orthonormal():
+    g = torch.Generator().manual_seed(0)
+    b, a = torch.randn(40, 5, generator=g), torch.randn(5, 30, generator=g)
+    m = lowrank_to_svd(b, a, 0.75)
+    assert torch.allclose(m.delta(), 0.75 * b @ a, atol=1e-5)
+    assert torch.allclose(m.A @ m.A.T, torch.eye(5), atol=1e-5)
+    assert torch.allclose(m.B.T @ m.B, torch.eye(5), atol=1e-5)
+    assert bool((m.E[:-1] >= m.E[1:]).all())
+
+
+def _timm_with_head(tiny_base_file, classes=3):
+    model = timm.create_model(TINY_MODEL, pretrained=False, img_size=TINY_IMG, num_classes=classes)
+    sd = {k: v for k, v in read_state_dict(tiny_base_file).items() if not k.startswith("head.")}
+    model.load_state_dict(sd, strict=False)
+    torch.manual_seed(3)
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    return model.eval()
+
+
+def _randomise(peft_model, d, zero_k=True, adalora=False):
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                if zero_k:
+                    p[d:2 * d] = 0
+            elif "lora_E" in name and adalora:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("kind", ["lora", "lora-rslora", "adalora"])
+def test_peft_conversion_reproduces_peft(tmp_path, tiny_base, tiny_base_file, kind):
+    d = tiny_base.embed_dim
+    model = _timm_with_head(tiny_base_file)
+    if kind == "adalora":
+        cfg = peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=16, target_modules=["qkv"],
+                                 modules_to_save=["head"], total_step=10)
+    else:
+        cfg = peft.LoraConfig(r=5, lora_alpha=10, target_modules=["qkv"], modules_to_save=["head"],
+                              use_rslora=kind == "lora-rslora")
+    pm = peft.get_peft_model(model, cfg).eval()
+    _randomise(pm, d, adalora=kind == "adalora")
+    x = torch.randn(3, 3, TINY_IMG, TINY_IMG)
+    with torch.no_grad():
+        expected = pm(x)
+    pm.save_pretrained(tmp_path / "peft")
+    task = make_task("t", None, 3, False)
+    adapter, report = convert_peft(tmp_path / "peft", tiny_base, task)
+    got = adapter_logits(AdaptedViT(tiny_base), adapter, x, "t")
+    with torch.no_grad():
+        with pm.disable_adapter():
+            plain = pm(x)
+    assert (expected - plain).abs().max() > 1e-3  # the adapter matters, so equality is meaningful
+    assert (got - expected).abs().max() < 1e-4
+    assert report.matrices == 2 * tiny_base.depth and report.dropped == []
+
+
+def test_peft_k_update_refused_or_dropped(tmp_path, tiny_base, tiny_base_file):
+    d = tiny_base.embed_dim
+    model = _timm_with_head(tiny_base_file)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
+    _randomise(pm, d, zero_k=False)
+    pm.save_pretrained(tmp_path / "peft")
+    task = make_task("t", None, 3, False)
+    with pytest.raises(AdapterFormatError, match="adapts the K rows too.*--drop-k"):
+        convert_peft(tmp_path / "peft", tiny_base, task)
+    adapter, report = convert_peft(tmp_path / "peft", tiny_base, task, drop_k=True)
+    assert len(report.dropped) == tiny_base.depth and report.dropped[0].startswith("blocks.0.k")
+    assert adapter.provenance["converted_from"]["dropped"] == report.dropped
+
+
+def test_lora_vit_layout(tmp_path, tiny_base):
+    d, depth, r, alpha = tiny_base.embed_dim, tiny_base.depth, 4, 9  # alpha // r = 2
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for i in range(2 * depth):
+        sd[f"w_a_{i:03d}"] = torch.randn(r, d, generator=g) * 0.2
+        sd[f"w_b_{i:03d}"] = torch.randn(d, r, generator=g) * 0.2
+    sd[f"fc_{d}in_4out"] = torch.randn(4, d, generator=g)
+    path = tmp_path / f"melo_r{r}_alpha{alpha}.safetensors"
+    save_file(sd, str(path))
+    adapter, _ = convert_lora_vit(path, tiny_base, make_task("t", ["a", "b", "c", "d"], None, False))
+    # the reference, as that code computes it: x W^T + (alpha // r) * (x A^T) B^T on q and v
+    vit = tiny_base.model
+    x = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    hooks = []
+    for blk_i, blk in enumerate(vit.blocks):
+        def hook(mod, inp, out, i=blk_i):
+            xin = inp[0]
+            q = (xin @ sd[f"w_a_{2 * i:03d}"].T) @ sd[f"w_b_{2 * i:03d}"].T * (alpha // r)
+            v = (xin @ sd[f"w_a_{2 * i + 1:03d}"].T) @ sd[f"w_b_{2 * i + 1:03d}"].T * (alpha // r)
+            return out + torch.cat([q, torch.zeros_like(q), v], -1)
+        hooks.append(blk.attn.qkv.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            ref = vit.forward_head(vit.forward_features(x), pre_logits=True) @ sd[f"fc_{d}in_4out"].T
+    finally:
+        for h in hooks:
+            h.remove()
+    got = adapter_logits(AdaptedViT(tiny_base), adapter, x, "t")
+    assert (got - ref).abs().max() < 1e-4
+    assert adapter.provenance["converted_from"]["scale"] == 2
