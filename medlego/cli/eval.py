@@ -1,0 +1,40 @@
+"""`medlego eval`: accuracy and AUC of any adapter (trained or merged) on a dataset split."""
+
+from __future__ import annotations
+
+import json
+
+from .common import add_base_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="metrics of an adapter on a dataset split")
+    add_base_args(p)
+    p.add_argument("--adapter", required=True, help="adapter file or registered NAME[@VERSION]")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--data", required=True, metavar="PATH")
+    p.add_argument("--task", help="which of the adapter's tasks (needed for merged adapters)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--seed", type=int, default=0, help="split seed for folders/manifests without splits")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from medlego.jobs.datasets import load_dataset
+    from medlego.jobs.evaluate import evaluate_adapter
+    from medlego.runtime.refs import load_adapter_ref
+
+    from .common import load_base_from_args
+
+    base = load_base_from_args(args)
+    adapter, _ = load_adapter_ref(args.adapter, data_dir=args.data_dir, expected_base=base.spec)
+    spec = adapter.task(args.task)
+    data = load_dataset(args.data, input_size=base.input_size, seed=args.seed, label_names=list(spec.labels)
+                        if not spec.multilabel else None, num_classes=spec.num_classes)
+    m = evaluate_adapter(base, adapter, data, spec.name, args.split)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"{spec.name} on {data.name}/{args.split} ({m['n']} images): accuracy {m['accuracy']:.4f}, AUC {m['auc']:.4f}")
+    return 0
