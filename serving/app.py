@@ -1,0 +1,399 @@
+"""The REST API (FastAPI): diagnosis, the adapter registry's admin API, health and metrics.
+
+Every route is a thin shell over :class:`DiagnosisService`; errors are :class:`MedlegoError`s
+mapped here to their status with ``{"detail": message, "type": ErrorClass}`` (503 adds
+``Retry-After``, 401 adds ``WWW-Authenticate``). The OpenAPI page is at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import Body, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError
+
+from .limits import PayloadTooLargeError, decode_base64
+from .metrics import CONTENT_TYPE
+from .service import DiagnoseItem, DiagnosisService, call
+
+log = logging.getLogger("medlego.serving")
+
+_DIAGNOSE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file", "adapter"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "PNG, JPEG or DICOM file"},
+                    "adapter": {"type": "string", "description": "name, name@version or alias"},
+                    "task": {"type": "string", "description": "needed when the adapter has several tasks"},
+                    "top_k": {"type": "integer", "minimum": 1}}}},
+            "application/json": {"schema": {
+                "type": "object", "required": ["image", "adapter"],
+                "properties": {
+                    "image": {"type": "string", "format": "byte", "description": "base64 PNG/JPEG/DICOM bytes"},
+                    "adapter": {"type": "string"}, "task": {"type": "string"},
+                    "top_k": {"type": "integer", "minimum": 1}}}},
+        },
+    }
+}
+
+_BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file", "adapter"],
+                "properties": {
+                    "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                             "description": "one part per image"},
+                    "adapter": {"type": "array", "items": {"type": "string"},
+                                "description": "one adapter for every image, or one per image"},
+                    "task": {"type": "array", "items": {"type": "string"}},
+                    "top_k": {"type": "integer", "minimum": 1}}}},
+            "application/json": {"schema": {
+                "type": "object", "required": ["items"],
+                "properties": {
+                    "items": {"type": "array", "items": {"type": "object", "properties": {
+                        "image": {"type": "string", "format": "byte"}, "adapter": {"type": "string"},
+                        "task": {"type": "string"}, "top_k": {"type": "integer"}}}},
+                    "adapter": {"type": "string", "description": "default for items without one"},
+                    "task": {"type": "string"}, "top_k": {"type": "integer"}}}},
+        },
+    }
+}
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file", "name"],
+            "properties": {
+                "file": {"type": "string", "format": "binary", "description": "medlego SVD-LoRA .safetensors"},
+                "name": {"type": "string"},
+                "alias": {"type": "array", "items": {"type": "string"}}}}}},
+    }
+}
+
+
+def error_response(e: BaseException) -> JSONResponse:
+    if isinstance(e, MedlegoError):
+        status = e.status
+        body = {"detail": str(e), "type": type(e).__name__}
+    else:  # a bug, not a user mistake: log it, answer without internals
+        log.exception("internal error", exc_info=e)
+        status, body = 500, {"detail": "internal server error", "type": "InternalError"}
+    headers = {}
+    if isinstance(e, OverloadedError):
+        headers["Retry-After"] = str(getattr(e, "retry_after_s", 1))
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _BodyTooLarge(PayloadTooLargeError):
+    """Raised from inside the app's body reads; a MedlegoError, so the app answers 413 itself."""
+
+
+class BodyLimitMiddleware:
+    """Refuse a request body above the limit with 413, before the app reads it into memory.
+
+    A declared Content-Length above the limit is refused at once; an undeclared (chunked) body
+    is counted as it streams and refused as soon as it passes the limit.
+    """
+
+    def __init__(self, app, limit_for):
+        self.app = app
+        self.limit_for = limit_for  # path -> max bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope.get("path", ""))
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = PayloadTooLargeError(f"request body is above the limit of {limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await error_response(too_large)(scope, receive, send)
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(str(too_large))
+            return message
+
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await error_response(too_large)(scope, receive, send)
+
+
+def create_app(service: DiagnosisService, *, title: str = "medlego") -> FastAPI:
+    app = FastAPI(
+        title=title, version="1",
+        description="Medical image diagnosis with one frozen ViT and hot-swapped SVD-LoRA adapters. "
+                    "Admin routes need `Authorization: Bearer <MEDLEGO_ADMIN_TOKEN>`; diagnosis needs "
+                    "`Bearer <MEDLEGO_API_TOKEN>` when one is configured.")
+    limits = service.limits
+    app.state.service = service
+
+    def limit_for(path: str) -> int:
+        if path.startswith("/v1/adapters"):
+            return max(limits.max_body_bytes, limits.max_adapter_bytes + 1024 * 1024)
+        return limits.max_body_bytes
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+
+    @app.exception_handler(MedlegoError)
+    async def _medlego_error(request: Request, e: MedlegoError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        parts = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path"))
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return error_response(BadInputError("invalid request: " + "; ".join(parts)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse({"detail": e.detail, "type": "HTTPError"}, status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        return error_response(e)
+
+    def api_auth(authorization: str | None) -> None:
+        service.auth.check_api(authorization)
+
+    def admin_auth(authorization: str | None) -> None:
+        service.auth.check_admin(authorization)
+
+    # -- diagnosis ------------------------------------------------------------------------------
+    @app.post("/v1/diagnose", tags=["diagnosis"], openapi_extra=_DIAGNOSE_BODY,
+              summary="Diagnose one image with a registered adapter")
+    async def diagnose(request: Request, authorization: str | None = Header(None)):
+        api_auth(authorization)
+        items = await _read_items(request, service, batch=False)
+        result = await service.diagnose(items[0], api="rest")
+        return service.diagnosis_json(result)
+
+    @app.post("/v1/diagnose/batch", tags=["diagnosis"], openapi_extra=_BATCH_BODY,
+              summary="Diagnose several images (each with its own adapter and task) in one call")
+    async def diagnose_batch(request: Request, authorization: str | None = Header(None)):
+        api_auth(authorization)
+        items = await _read_items(request, service, batch=True)
+        results = await service.diagnose_many(items, api="rest")
+        return {"results": [service.diagnosis_json(r) for r in results]}
+
+    # -- registry reads (diagnosis token) -------------------------------------------------------
+    @app.get("/v1/adapters", tags=["adapters"], summary="Every registered adapter version and alias")
+    async def list_adapters(authorization: str | None = Header(None)):
+        api_auth(authorization)
+        return await call(service.list_adapters)
+
+    @app.get("/v1/adapters/{ref}", tags=["adapters"], summary="Metadata of NAME, NAME@VERSION or an alias")
+    async def describe_adapter(ref: str, authorization: str | None = Header(None)):
+        api_auth(authorization)
+        return await call(service.describe, ref)
+
+    # -- registry writes (admin token) -----------------------------------------------------------
+    @app.post("/v1/adapters", tags=["admin"], status_code=201, openapi_extra=_UPLOAD_BODY,
+              summary="Register an adapter upload (validated against the resident base first)")
+    async def register_adapter(request: Request, authorization: str | None = Header(None)):
+        admin_auth(authorization)
+        form = await _form(request, limits.max_adapter_bytes)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise BadInputError("multipart field 'file' (the .safetensors adapter) is required")
+        name = form.get("name")
+        if not name or not isinstance(name, str):
+            raise BadInputError("multipart field 'name' is required")
+        data = await _read_upload(upload, limits.max_adapter_bytes, "adapter upload")
+        aliases = [a for a in form.getlist("alias") if isinstance(a, str) and a]
+        return await call(service.register, name, data, aliases)
+
+    @app.delete("/v1/adapters/{ref}", tags=["admin"],
+                summary="Delete NAME@VERSION (every version of NAME with ?all_versions=true); 409 while pinned")
+    async def delete_adapter(ref: str, all_versions: bool = Query(False), authorization: str | None = Header(None)):
+        admin_auth(authorization)
+        return {"deleted": await call(service.delete, ref, all_versions)}
+
+    @app.post("/v1/adapters/{ref}/pin", tags=["admin"], summary="Pin (keep on the device, refuse deletion)")
+    async def pin_adapter(ref: str, authorization: str | None = Header(None)):
+        admin_auth(authorization)
+        return await call(service.pin, ref)
+
+    @app.post("/v1/adapters/{ref}/unpin", tags=["admin"], summary="Unpin")
+    async def unpin_adapter(ref: str, authorization: str | None = Header(None)):
+        admin_auth(authorization)
+        return await call(service.unpin, ref)
+
+    @app.get("/v1/aliases", tags=["adapters"], summary="Every alias and its target")
+    async def list_aliases(authorization: str | None = Header(None)):
+        api_auth(authorization)
+        return await call(service.aliases)
+
+    @app.put("/v1/aliases/{alias}", tags=["admin"],
+             summary="Point ALIAS at NAME@VERSION (or NAME: follow its latest version)")
+    async def set_alias(alias: str, target: str = Body(..., embed=True), authorization: str | None = Header(None)):
+        admin_auth(authorization)
+        return await call(service.set_alias, alias, target)
+
+    @app.delete("/v1/aliases/{alias}", tags=["admin"], summary="Remove an alias")
+    async def remove_alias(alias: str, authorization: str | None = Header(None)):
+        admin_auth(authorization)
+        await call(service.remove_alias, alias)
+        return {"removed": alias}
+
+    @app.post("/v1/merge", tags=["admin"], status_code=201,
+              summary="Merge registered adapters (Med-LEGO by default) and register the result")
+    async def merge(name: str = Body(...), sources: list[str] = Body(...), method: str = Body("med-lego"),
+                    threshold: float | None = Body(None), aliases: list[str] = Body([]),
+                    authorization: str | None = Header(None)):
+        admin_auth(authorization)
+        return await call(service.merge, name, sources, method, threshold, aliases)
+
+    # -- ops ------------------------------------------------------------------------------------
+    @app.get("/healthz", tags=["ops"], summary="Alive")
+    async def healthz():
+        return {"alive": True}
+
+    @app.get("/readyz", tags=["ops"], summary="Ready: base loaded and warmed up")
+    async def readyz():
+        h = await call(service.health)
+        return JSONResponse(h, status_code=200 if h["ready"] else 503)
+
+    @app.get("/v1/info", tags=["ops"], summary="The resident base, device and pool")
+    async def info(authorization: str | None = Header(None)):
+        api_auth(authorization)
+        return await call(service.info)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    async def metrics():
+        return Response(await call(service.metrics_text), media_type=CONTENT_TYPE)
+
+    return app
+
+
+# -- request parsing -----------------------------------------------------------------------------
+async def _form(request: Request, max_file_bytes: int):
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise BadInputError(f"expected a multipart/form-data upload, got '{ctype or 'no content type'}'")
+    try:
+        return await request.form(max_files=256, max_fields=256, max_part_size=64 * 1024)
+    except StarletteHTTPException as e:
+        raise BadInputError(f"malformed multipart body: {e.detail}") from None
+    except MedlegoError:
+        raise
+    except Exception as e:  # a truncated or garbled multipart stream
+        raise BadInputError(f"malformed multipart body: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+async def _read_upload(upload, limit: int, what: str) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLargeError(f"{what} is above the limit of {limit} bytes")
+    return data
+
+
+def _int_or_none(value, field: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise BadInputError(f"'{field}' must be an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"'{field}' must be an integer, got {value!r}") from None
+
+
+def _str_or_none(value, field: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadInputError(f"'{field}' must be a string")
+    return value
+
+
+async def _read_items(request: Request, service: DiagnosisService, batch: bool) -> list[DiagnoseItem]:
+    """Multipart (file + fields) or JSON (base64 image) → the items to diagnose."""
+    limits = service.limits
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await _form(request, limits.max_image_bytes)
+        files = [f for f in form.getlist("file") + form.getlist("files") if not isinstance(f, str)]
+        if not files:
+            raise BadInputError("multipart field 'file' (the image) is required")
+        if not batch and len(files) > 1:
+            raise BadInputError("several files sent: use /v1/diagnose/batch for more than one image")
+        if batch:
+            limits.check_batch(len(files))
+        adapters = [a for a in form.getlist("adapter") if isinstance(a, str)]
+        tasks = [t for t in form.getlist("task") if isinstance(t, str)]
+        top_k = _int_or_none(form.get("top_k"), "top_k")
+        images = [await _read_upload(f, limits.max_image_bytes, f"image '{f.filename or 'file'}'") for f in files]
+        return [DiagnoseItem(img, _per_item(adapters, n, len(images), "adapter") or "",
+                             _per_item(tasks, n, len(images), "task"), top_k) for n, img in enumerate(images)]
+    if ctype.startswith("application/json") or not ctype:
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadInputError(f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise BadInputError("the JSON body must be an object")
+        if not batch:
+            return [_json_item(body, {})]
+        items = body.get("items")
+        if items is None and isinstance(body.get("images"), list):
+            items = [{"image": img} for img in body["images"]]
+        if not isinstance(items, list):
+            raise BadInputError("a batch needs 'items': [{\"image\": base64, \"adapter\": ...}, ...]")
+        limits.check_batch(len(items))
+        return [_json_item(it, body, n) for n, it in enumerate(items)]
+    raise BadInputError(f"unsupported content type '{ctype}': send multipart/form-data or application/json")
+
+
+def _json_item(obj, defaults: dict, index: int | None = None) -> DiagnoseItem:
+    where = "" if index is None else f"items[{index}]."
+    if not isinstance(obj, dict):
+        raise BadInputError(f"{where or 'body'} must be an object")
+    if obj.get("image") is None:
+        raise BadInputError(f"'{where}image' (base64 PNG/JPEG/DICOM bytes) is required")
+    return DiagnoseItem(
+        image=decode_base64(obj["image"], f"{where}image"),
+        adapter=_str_or_none(obj.get("adapter", defaults.get("adapter")), f"{where}adapter") or "",
+        task=_str_or_none(obj.get("task", defaults.get("task")), f"{where}task"),
+        top_k=_int_or_none(obj.get("top_k", defaults.get("top_k")), f"{where}top_k"))
+
+
+def _per_item(values: list[str], n: int, count: int, field: str) -> str | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0] or None
+    if len(values) != count:
+        raise BadInputError(f"give one '{field}' for every image, or one for all ({len(values)} for {count} images)")
+    return values[n] or None

@@ -1,0 +1,137 @@
+"""The embedded server: REST (uvicorn) and gRPC (grpc.aio) in one process, on one event loop.
+
+Both listen at once; the engine warms up in a worker thread meanwhile, and readiness
+(``/readyz`` 200, gRPC health SERVING) flips only when it is done. ``start()`` runs everything on
+a background thread (tests, ``medlego demo``); ``run()`` blocks in the foreground until SIGINT
+or SIGTERM (``medlego serve``). Ports may be 0: the bound ports are in ``.port`` / ``.grpc_port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+
+import uvicorn
+
+from .app import create_app
+from .grpc_service import build_grpc_server, set_serving
+from .service import DiagnosisService
+
+log = logging.getLogger("medlego.serving")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class EmbeddedServer:
+    def __init__(self, service: DiagnosisService, host: str = "127.0.0.1", port: int = 8000,
+                 grpc_port: int | None = 50051, log_level: str = "warning", warmup: bool = True):
+        self.service = service
+        self.host = host
+        self.port = port
+        self.grpc_port = grpc_port
+        self.log_level = log_level
+        self.warmup = warmup
+        self.app = create_app(service)
+        self._uvicorn: uvicorn.Server | None = None
+        self._grpc = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._bound = threading.Event()
+        self._error: BaseException | None = None
+        self.ready = threading.Event()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def grpc_target(self) -> str | None:
+        return None if self.grpc_port is None else f"{self.host}:{self.grpc_port}"
+
+    async def serve(self) -> None:
+        """Bind both servers, warm up, serve until stopped."""
+        self._loop = asyncio.get_running_loop()
+        sock = bind_socket(self.host, self.port)
+        self.port = sock.getsockname()[1]
+        health = None
+        if self.grpc_port is not None:
+            self._grpc, self.grpc_port, health = build_grpc_server(self.service, self.host, self.grpc_port)
+            await set_serving(health, False)
+            await self._grpc.start()
+        config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="off", access_log=False,
+                                timeout_keep_alive=30, server_header=False)
+        self._uvicorn = uvicorn.Server(config)
+        self._bound.set()
+
+        async def warm():
+            if self.warmup:
+                await self._loop.run_in_executor(None, self.service.warmup)
+            if health is not None:
+                await set_serving(health, True)
+            self.ready.set()
+            log.info("ready: REST %s, gRPC %s", self.url, self.grpc_target)
+
+        warm_task = asyncio.ensure_future(warm())
+        try:
+            await self._uvicorn.serve(sockets=[sock])
+        finally:
+            warm_task.cancel()
+            if self._grpc is not None:
+                await self._grpc.stop(grace=2.0)
+            sock.close()
+
+    # -- background mode -----------------------------------------------------------------------
+    def start(self, timeout: float = 120.0, wait_ready: bool = True) -> "EmbeddedServer":
+        def target():
+            try:
+                asyncio.run(self.serve())
+            except BaseException as e:  # surface bind errors to the starting thread
+                self._error = e
+                self._bound.set()
+                self.ready.set()
+
+        self._thread = threading.Thread(target=target, name="medlego-server", daemon=True)
+        self._thread.start()
+        self._bound.wait(timeout)
+        if wait_ready:
+            self.ready.wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.service.close()
+
+    def __enter__(self) -> "EmbeddedServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- foreground mode ------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve in this thread until SIGINT/SIGTERM (uvicorn handles the signals)."""
+        try:
+            asyncio.run(self.serve())
+        finally:
+            self.service.close()
+
