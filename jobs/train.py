@@ -209,6 +209,17 @@ class _Trainer:
 def train_adapter(base: BaseModel, data: Dataset, cfg: TrainConfig, *, init: tuple[Adapter, dict] | None = None,
                   workdir: str | Path | None = None, resume: bool = False, log=print) -> TrainResult:
     """Train; ``init`` = (adapter, source info) to start from an adapter's A, E, B instead of E = 0."""
+    # Some CPU backward kernels (attention) reduce across threads in varying order; deterministic
+    # algorithms make a seeded run, and a resumed one, bit-identical.
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(cfg.device == "cpu" or previous, warn_only=True)
+    try:
+        return _train(base, data, cfg, init, workdir, resume, log)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(base, data, cfg, init, workdir, resume, log) -> TrainResult:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.rank < 1:
         raise BadInputError("epochs, batch size and rank must be >= 1 and lr > 0")
     for s in ("train", "val", "test"):

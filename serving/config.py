@@ -135,3 +135,17 @@ def build_service(cfg: ServeConfig, *, base=None, replica: str = ""):
                         input_size=base.input_size)
     engine = Engine(base, registry, cfg.engine)
     return DiagnosisService(engine, limits=cfg.limits, auth=cfg.auth, batching=cfg.batching, replica=replica)
+
+
+def config_to_dict(cfg: ServeConfig) -> dict:
+    """A plain dict (JSON/YAML-able) of the whole configuration, for Ray deployments."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> ServeConfig:
+    data = dict(data or {})
+    cfg = ServeConfig()
+    for section, obj in (("engine", cfg.engine), ("batching", cfg.batching), ("limits", cfg.limits)):
+        _apply(obj, data.pop(section, None) or {}, section)
+    _apply(cfg, data, "config")
+    return cfg

@@ -3,14 +3,15 @@
     python -m medlego.serving.gen_proto          # writes beside this file
     python -m medlego.serving.gen_proto --check  # exit 1 if the committed files are stale
 
-protoc writes ``import medlego_pb2`` (a top-level import); the generated gRPC module is rewritten
-to import it relative to the package, so the code works as ``medlego.serving.medlego_pb2``.
+protoc is run on a copy of the .proto placed at ``medlego/serving/medlego.proto`` under a temporary
+include root, so the generated modules know their real import path (``medlego.serving.medlego_pb2``):
+messages then pickle by reference, which Ray's gRPC proxy needs to pass them to a deployment.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -20,21 +21,21 @@ PROTO = "medlego.proto"
 OUTPUTS = ("medlego_pb2.py", "medlego_pb2_grpc.py")
 
 
-def generate(out_dir: Path) -> dict[str, str]:
-    """Run grpc_tools.protoc on medlego.proto into out_dir; return {file name: text} (imports fixed)."""
-    from grpc_tools import protoc
+def generate(work: Path) -> dict[str, str]:
+    """Run grpc_tools.protoc on medlego.proto inside `work`; return {file name: generated text}."""
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"  # well-known types
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rc = protoc.main(["grpc_tools.protoc", f"-I{HERE}", f"-I{include}", f"--python_out={out_dir}",
-                      f"--grpc_python_out={out_dir}", str(HERE / PROTO)])
+    src, out = work / "src", work / "out"
+    (src / "medlego" / "serving").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(HERE / PROTO, src / "medlego" / "serving" / PROTO)
+    rc = protoc.main(["grpc_tools.protoc", f"-I{src}", f"-I{include}", f"--python_out={out}",
+                      f"--grpc_python_out={out}", f"medlego/serving/{PROTO}"])
     if rc != 0:
         raise RuntimeError(f"protoc failed with exit code {rc}")
-    texts = {name: (out_dir / name).read_text() for name in OUTPUTS}
-    texts["medlego_pb2_grpc.py"] = re.sub(r"^import medlego_pb2 as", "from . import medlego_pb2 as",
-                                          texts["medlego_pb2_grpc.py"], flags=re.M)
-    return texts
+    return {name: (out / "medlego" / "serving" / name).read_text() for name in OUTPUTS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import medlego_pb2 as medlego__pb2
+from medlego.serving import medlego_pb2 as medlego_dot_serving_dot_medlego__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in medlego_pb2_grpc.py depends on'
+        + ' but the generated code in medlego/serving/medlego_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class MedlegoStub:
         """
         self.Diagnose = channel.unary_unary(
                 '/medlego.v1.Medlego/Diagnose',
-                request_serializer=medlego__pb2.DiagnoseRequest.SerializeToString,
-                response_deserializer=medlego__pb2.DiagnoseResponse.FromString,
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.DiagnoseRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.DiagnoseResponse.FromString,
                 _registered_method=True)
         self.DiagnoseBatch = channel.unary_unary(
                 '/medlego.v1.Medlego/DiagnoseBatch',
-                request_serializer=medlego__pb2.DiagnoseBatchRequest.SerializeToString,
-                response_deserializer=medlego__pb2.DiagnoseBatchResponse.FromString,
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.DiagnoseBatchRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.DiagnoseBatchResponse.FromString,
                 _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/medlego.v1.Medlego/ListAdapters',
-                request_serializer=medlego__pb2.ListAdaptersRequest.SerializeToString,
-                response_deserializer=medlego__pb2.ListAdaptersResponse.FromString,
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
         self.DescribeAdapter = channel.unary_unary(
                 '/medlego.v1.Medlego/DescribeAdapter',
-                request_serializer=medlego__pb2.DescribeAdapterRequest.SerializeToString,
-                response_deserializer=medlego__pb2.AdapterInfo.FromString,
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.DescribeAdapterRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.AdapterInfo.FromString,
                 _registered_method=True)
         self.RegisterAdapter = channel.unary_unary(
                 '/medlego.v1.Medlego/RegisterAdapter',
-                request_serializer=medlego__pb2.RegisterAdapterRequest.SerializeToString,
-                response_deserializer=medlego__pb2.AdapterInfo.FromString,
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.RegisterAdapterRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.AdapterInfo.FromString,
                 _registered_method=True)
         self.DeleteAdapter = channel.unary_unary(
                 '/medlego.v1.Medlego/DeleteAdapter',
-                request_serializer=medlego__pb2.DeleteAdapterRequest.SerializeToString,
-                response_deserializer=medlego__pb2.DeleteAdapterResponse.FromString,
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.DeleteAdapterRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.DeleteAdapterResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/medlego.v1.Medlego/Health',
-                request_serializer=medlego__pb2.HealthRequest.SerializeToString,
-                response_deserializer=medlego__pb2.HealthResponse.FromString,
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.HealthRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.HealthResponse.FromString,
                 _registered_method=True)
 
 
@@ -124,38 +124,38 @@ def add_MedlegoServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Diagnose': grpc.unary_unary_rpc_method_handler(
                     servicer.Diagnose,
-                    request_deserializer=medlego__pb2.DiagnoseRequest.FromString,
-                    response_serializer=medlego__pb2.DiagnoseResponse.SerializeToString,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.DiagnoseRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.DiagnoseResponse.SerializeToString,
             ),
             'DiagnoseBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.DiagnoseBatch,
-                    request_deserializer=medlego__pb2.DiagnoseBatchRequest.FromString,
-                    response_serializer=medlego__pb2.DiagnoseBatchResponse.SerializeToString,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.DiagnoseBatchRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.DiagnoseBatchResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
-                    request_deserializer=medlego__pb2.ListAdaptersRequest.FromString,
-                    response_serializer=medlego__pb2.ListAdaptersResponse.SerializeToString,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.ListAdaptersResponse.SerializeToString,
             ),
             'DescribeAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeAdapter,
-                    request_deserializer=medlego__pb2.DescribeAdapterRequest.FromString,
-                    response_serializer=medlego__pb2.AdapterInfo.SerializeToString,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.DescribeAdapterRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.AdapterInfo.SerializeToString,
             ),
             'RegisterAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterAdapter,
-                    request_deserializer=medlego__pb2.RegisterAdapterRequest.FromString,
-                    response_serializer=medlego__pb2.AdapterInfo.SerializeToString,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.RegisterAdapterRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.AdapterInfo.SerializeToString,
             ),
             'DeleteAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteAdapter,
-                    request_deserializer=medlego__pb2.DeleteAdapterRequest.FromString,
-                    response_serializer=medlego__pb2.DeleteAdapterResponse.SerializeToString,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.DeleteAdapterRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.DeleteAdapterResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=medlego__pb2.HealthRequest.FromString,
-                    response_serializer=medlego__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.HealthRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,8 +183,8 @@ class Medlego:
             request,
             target,
             '/medlego.v1.Medlego/Diagnose',
-            medlego__pb2.DiagnoseRequest.SerializeToString,
-            medlego__pb2.DiagnoseResponse.FromString,
+            medlego_dot_serving_dot_medlego__pb2.DiagnoseRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.DiagnoseResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -210,8 +210,8 @@ class Medlego:
             request,
             target,
             '/medlego.v1.Medlego/DiagnoseBatch',
-            medlego__pb2.DiagnoseBatchRequest.SerializeToString,
-            medlego__pb2.DiagnoseBatchResponse.FromString,
+            medlego_dot_serving_dot_medlego__pb2.DiagnoseBatchRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.DiagnoseBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,8 +237,8 @@ class Medlego:
             request,
             target,
             '/medlego.v1.Medlego/ListAdapters',
-            medlego__pb2.ListAdaptersRequest.SerializeToString,
-            medlego__pb2.ListAdaptersResponse.FromString,
+            medlego_dot_serving_dot_medlego__pb2.ListAdaptersRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -264,8 +264,8 @@ class Medlego:
             request,
             target,
             '/medlego.v1.Medlego/DescribeAdapter',
-            medlego__pb2.DescribeAdapterRequest.SerializeToString,
-            medlego__pb2.AdapterInfo.FromString,
+            medlego_dot_serving_dot_medlego__pb2.DescribeAdapterRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -291,8 +291,8 @@ class Medlego:
             request,
             target,
             '/medlego.v1.Medlego/RegisterAdapter',
-            medlego__pb2.RegisterAdapterRequest.SerializeToString,
-            medlego__pb2.AdapterInfo.FromString,
+            medlego_dot_serving_dot_medlego__pb2.RegisterAdapterRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -318,8 +318,8 @@ class Medlego:
             request,
             target,
             '/medlego.v1.Medlego/DeleteAdapter',
-            medlego__pb2.DeleteAdapterRequest.SerializeToString,
-            medlego__pb2.DeleteAdapterResponse.FromString,
+            medlego_dot_serving_dot_medlego__pb2.DeleteAdapterRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.DeleteAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -345,8 +345,8 @@ class Medlego:
             request,
             target,
             '/medlego.v1.Medlego/Health',
-            medlego__pb2.HealthRequest.SerializeToString,
-            medlego__pb2.HealthResponse.FromString,
+            medlego_dot_serving_dot_medlego__pb2.HealthRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,6 +75,22 @@ class CountersCollector:
         yield g
 
 
+class CountersOnlyCollector:
+    """The generic families of a bare Counters object (the Ray ingress has no engine)."""
+
+    def __init__(self, counters):
+        self.counters = counters
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        snap = self.counters.snapshot()
+        yield from _counter_families(snap["counters"])
+        yield from _gauge_families(snap["gauges"])
+        yield from _histogram_families(snap["observations"])
+
+
 def _grouped(items: dict) -> dict[str, list[tuple[dict, object]]]:
     out: dict[str, list] = defaultdict(list)
     for (name, labels), value in items.items():
