@@ -268,11 +268,15 @@ def create_app(service: DiagnosisService, *, title: str = "medlego") -> FastAPI:
 
     @app.post("/v1/merge", tags=["admin"], status_code=201,
               summary="Merge registered adapters (Med-LEGO by default) and register the result")
-    async def merge(name: str = Body(...), sources: list[str] = Body(...), method: str = Body("med-lego"),
-                    threshold: float | None = Body(None), aliases: list[str] = Body([]),
+    async def merge(name: str = Body(..., description="name to register the merged adapter under"),
+                    sources: list[str] = Body(..., description="registered NAME[@VERSION] or aliases"),
+                    method: str = Body("med-lego", description="med-lego, lora-avg, delta-avg, task-arithmetic, ties, "
+                                                                 "dare, magnitude-prune, pem, magmax, iso-c, tsv"),
+                    params: dict = Body({}, description="method parameters, e.g. {\"threshold\": 0.997}"),
+                    aliases: list[str] = Body([]), task_names: list[str] | None = Body(None),
                     authorization: str | None = Header(None)):
         admin_auth(authorization)
-        return await call(service.merge, name, sources, method, threshold, aliases)
+        return await call(service.merge, name, sources, method, params, aliases, task_names)
 
     # -- ops ------------------------------------------------------------------------------------
     @app.get("/healthz", tags=["ops"], summary="Alive")

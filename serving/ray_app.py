@@ -289,8 +289,8 @@ class RayFrontend:
     async def remove_alias(self, alias):
         return await self._admin("remove_alias", alias)
 
-    async def merge(self, name, sources, method="med-lego", threshold=None, aliases=()):
-        return await self._admin("merge", name, sources, method, threshold, list(aliases))
+    async def merge(self, name, sources, method="med-lego", params=None, aliases=(), task_names=None):
+        return await self._admin("merge", name, sources, method, params, list(aliases), task_names)
 
     async def health(self) -> dict:
         try:
@@ -403,7 +403,7 @@ def start_local(cfg: ServeConfig, *, replicas: int = 1, num_cpus: int | None = N
     grpc_options = None
     if grpc:
         grpc_options = {"port": cfg.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
-    serve.start(http_options={"host": cfg.host, "port": cfg.port, "location": "HeadOnly"}, grpc_options=grpc_options)
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port}, grpc_options=grpc_options)
     app = build_app(cfg, replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
                     torch_threads=torch_threads)
     return serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

@@ -256,14 +256,29 @@ class DiagnosisService:
     def remove_alias(self, alias: str) -> None:
         self._admin("alias", self.registry.remove_alias, alias)
 
-    def merge(self, name: str, sources: list[str], method: str = "med-lego", threshold: float | None = None,
-              aliases: list[str] | tuple[str, ...] = ()) -> dict:
-        """Run the offline merge job on registered adapters and register the result as `name`."""
-        from .merge_job import merge_registered
+    def merge(self, name: str, sources: list[str], method: str = "med-lego", params: dict | None = None,
+              aliases: list[str] | tuple[str, ...] = (), task_names: list[str] | None = None) -> dict:
+        """Run the offline merge job (medlego.jobs.merge) on registered adapters; register the result as `name`.
+
+        The merged rank is capped at what this server serves (its max_rank), so the result always registers."""
+        from medlego.jobs.merge import merge_adapters
 
         def run():
-            data = merge_registered(self.registry, sources, method=method, threshold=threshold)
-            entry = self.registry.register(name, data, tuple(aliases))
+            if not isinstance(sources, list) or not sources or not all(isinstance(x, str) for x in sources):
+                raise BadInputError("'sources' must be a non-empty list of registered adapter references")
+            loaded = [self.registry.load(ref) for ref in sources]
+            info = [{"ref": ref, "name": e.name, "version": e.version, "sha256": e.sha256}
+                    for ref, (e, _) in zip(sources, loaded)]
+            p = dict(params or {})
+            if self.registry.max_rank and p.get("max_rank") is None:
+                p["max_rank"] = self.registry.max_rank
+            try:
+                adapter, _ = merge_adapters([a for _, a in loaded], method, p, source_info=info, task_names=task_names)
+            except MedlegoError:
+                raise
+            except (TypeError, ValueError) as e:  # a parameter of the wrong type or range
+                raise BadInputError(f"bad parameters for merge method '{method}': {e}") from None
+            entry = self.registry.register(name, adapter.to_bytes(), tuple(aliases))
             return self.registry.describe(entry.ref)
         return self._admin("merge", run)
 

@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The variable is read
+# when a kernel is decorated, so it is set before any test imports a kernel module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY_MODEL = "vit_tiny_patch16_224"  # 12 blocks, d = 192; built at 32 px -> 4 patches + cls
 TINY_IMG = 32
 

@@ -99,3 +99,19 @@ def test_unknown_adapter_and_task_errors(setup, tiny_base):
         engine.infer(x, ["merged"], [None])  # two tasks: must name one
     with pytest.raises(TaskNotFoundError, match="unknown task 'lung'"):
         engine.infer(x, ["r4"], ["lung"])
+
+
+def test_triton_kernel_path_matches_torch_path(setup, tiny_base):
+    """The CUDA path (the fused kernel; Triton's interpreter here on the CPU) answers like the reference."""
+    reg, _ = setup
+    torch.manual_seed(2)
+    images = torch.randn(3, 3, 32, 32)
+    refs, tasks = ["mixed", None, "merged"], [None, None, "chest"]
+    fused = Engine(tiny_base, reg, EngineConfig(kernel="triton"))
+    assert fused.qkv_fn.__name__ == "qkv_lora_triton"
+    plain = Engine(tiny_base, reg, EngineConfig(kernel="torch"))
+    for a, b in zip(fused.infer(images, refs, tasks), plain.infer(images, refs, tasks)):
+        if a.probabilities is None:
+            assert a.embedding == pytest.approx(b.embedding, abs=1e-4)
+        else:
+            assert a.probabilities == pytest.approx(b.probabilities, abs=1e-5)

@@ -239,6 +239,25 @@ def test_alias_endpoints(client):
     assert [t["name"] for t in desc["tasks"]] == ["blood", "chest"] and desc["versions"] == [1]
 
 
+def test_merge_endpoint_registers_a_usable_merged_adapter(client):
+    body = {"name": "merged01", "sources": ["ad0", "ad1@1"], "method": "med-lego", "params": {"threshold": 0.99}}
+    assert client.post("/v1/merge", json=body).status_code == 401
+    r = client.post("/v1/merge", headers=admin_headers(), json=body)
+    assert r.status_code == 201, r.text
+    desc = r.json()
+    assert desc["ref"] == "merged01@1" and [t["name"] for t in desc["tasks"]] == ["task10", "task11"]
+    assert desc["provenance"]["method"] == "med-lego" and desc["provenance"]["parameters"]["threshold"] == 0.99
+    assert [s["ref"] for s in desc["provenance"]["sources"]] == ["ad0", "ad1@1"]
+    d = client.post("/v1/diagnose", files={"file": ("a.png", images()[0])}, data={"adapter": "merged01", "task": "task11"})
+    assert d.status_code == 200 and d.json()["task"] == "task11" and d.json()["sha256"] == desc["sha256"]
+    _err(client.post("/v1/merge", headers=admin_headers(), json={**body, "name": "m2", "sources": ["ad0", "ghost"]}),
+         404, r"unknown adapter 'ghost'")
+    _err(client.post("/v1/merge", headers=admin_headers(), json={**body, "name": "m3", "method": "blend"}),
+         400, r"unknown merge method 'blend'")
+    _err(client.post("/v1/merge", headers=admin_headers(), json={**body, "name": "m4", "params": {"threshold": "high"}}),
+         400, r"bad parameters")
+
+
 def _err(r, status, pattern):
     assert r.status_code == status, (r.status_code, r.text)
     assert re.search(pattern, r.json()["detail"]), r.json()["detail"]

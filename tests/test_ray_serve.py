@@ -1,0 +1,128 @@
+"""Ray Serve on the CPU: 2 engine replicas behind the FastAPI ingress; requests for an adapter go to
+the replica that holds it (multiplexing hit ratio), answers equal the engine's, hot registration
+and the gRPC proxy work. One deployment for the whole module (Ray start-up is the slow part)."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import socket
+import time
+
+import grpc
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("ray.serve")
+
+from medlego.runtime.base import load_base  # noqa: E402
+from medlego.runtime.engine import Engine, EngineConfig  # noqa: E402
+from medlego.runtime.imaging import decode_image, preprocess  # noqa: E402
+from medlego.runtime.registry import Registry  # noqa: E402
+from medlego.runtime.synthetic import random_adapter  # noqa: E402
+from medlego.serving import medlego_pb2 as pb  # noqa: E402
+from medlego.serving import medlego_pb2_grpc as pb_grpc  # noqa: E402
+from medlego.serving.config import ServeConfig  # noqa: E402
+from medlego.serving.sample_images import encode_png, random_image  # noqa: E402
+
+from conftest import TINY_MODEL  # noqa: E402
+
+ADAPTERS = [f"r{i}" for i in range(6)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory, tiny_base, tiny_base_file):
+    from medlego.serving.ray_app import start_local, stop_local
+
+    data = tmp_path_factory.mktemp("ray")
+    reg = Registry(data, base=tiny_base.spec)
+    for i, name in enumerate(ADAPTERS):
+        reg.register(name, random_adapter(tiny_base.spec, tiny_base.preprocess, rank=2 + i % 3, seed=60 + i).to_bytes())
+    cfg = ServeConfig(model=TINY_MODEL, weights=str(tiny_base_file), data_dir=str(data), host="127.0.0.1",
+                      port=_free_port(), grpc_port=_free_port(), admin_token="ray-admin")
+    cfg.batching.max_wait_ms = 2
+    cfg.engine.slots = 8
+    try:
+        start_local(cfg, replicas=2, num_cpus=2, replica_cpus=0.5, torch_threads=1)
+        yield cfg, data
+    finally:
+        stop_local()
+
+
+def _diagnose(url, ref, png):
+    with httpx.Client(base_url=url, timeout=60) as c:
+        return c.post("/v1/diagnose", files={"file": ("x.png", png)}, data={"adapter": ref})
+
+
+def test_requests_go_to_the_replica_holding_their_adapter(ray_server, tiny_base_file):
+    cfg, data = ray_server
+    url = f"http://127.0.0.1:{cfg.port}"
+    pngs = [encode_png(random_image(s, 32)) for s in range(4)]
+    with httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/readyz").status_code == 200
+    first = [_diagnose(url, ref, pngs[0]) for ref in ADAPTERS]  # cold: each adapter loads somewhere
+    assert all(r.status_code == 200 for r in first), [r.text for r in first]
+    time.sleep(0.5)  # replicas push the ids they hold to Serve's routers every 0.1 s
+    cases = [(ADAPTERS[n % len(ADAPTERS)], pngs[n % len(pngs)]) for n in range(48)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        rs = list(pool.map(lambda c: _diagnose(url, *c), cases))
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
+    bodies = [r.json() for r in rs]
+    by_adapter = collections.defaultdict(collections.Counter)
+    for b in bodies:
+        by_adapter[b["adapter"]][b["replica"]] += 1
+    hit_ratio = sum(b["multiplex_hit"] for b in bodies) / len(bodies)
+    affinity = sum(max(c.values()) for c in by_adapter.values()) / len(bodies)
+    replicas = {r for c in by_adapter.values() for r in c}
+    print(f"\nmultiplexing: hit ratio {hit_ratio:.3f} over {len(bodies)} warm requests, "
+          f"affinity {affinity:.3f}, replicas used {len(replicas)}: "
+          + ", ".join(f"{a}->{dict(c)}" for a, c in sorted(by_adapter.items())))
+    assert len(replicas) == 2  # the adapters are spread over both replicas
+    assert hit_ratio >= 0.9 and affinity >= 0.9
+
+    base = load_base(TINY_MODEL, tiny_base_file)
+    engine = Engine(base, Registry(data, base=base.spec), EngineConfig(slots=8))
+    pixels = torch.stack([preprocess(decode_image(png), engine.resolve(ref).preprocess) for ref, png in cases[:12]])
+    expected = engine.infer(pixels, [ref for ref, _ in cases[:12]])
+    for b, exp in zip(bodies[:12], expected):
+        assert b["sha256"] == exp.sha256
+        for label, p in exp.probabilities.items():
+            assert b["probabilities"][label] == pytest.approx(p, abs=1e-5)
+
+
+def test_hot_registration_errors_and_grpc_through_ray(ray_server, tiny_base):
+    cfg, _ = ray_server
+    url = f"http://127.0.0.1:{cfg.port}"
+    png = encode_png(random_image(9, 32))
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/diagnose", files={"file": ("x.png", png)}, data={"adapter": "nope"})
+        assert r.status_code == 404 and "registered: r0, r1" in r.json()["detail"]
+        r = c.post("/v1/diagnose", files={"file": ("x.png", b"junk")}, data={"adapter": "r0"})
+        assert r.status_code == 400 and "PNG, JPEG or DICOM" in r.json()["detail"]
+        new = random_adapter(tiny_base.spec, tiny_base.preprocess, rank=3, seed=99).to_bytes()
+        assert c.post("/v1/adapters", files={"file": ("n.safetensors", new)}, data={"name": "fresh"}).status_code == 401
+        r = c.post("/v1/adapters", headers={"Authorization": "Bearer ray-admin"},
+                   files={"file": ("n.safetensors", new)}, data={"name": "fresh"})
+        assert r.status_code == 201, r.text
+        r = c.post("/v1/diagnose", files={"file": ("x.png", png)}, data={"adapter": "fresh"})
+        assert r.status_code == 200 and r.json()["adapter"] == "fresh"
+        r = c.post("/v1/adapters", headers={"Authorization": "Bearer ray-admin"},
+                   files={"file": ("n.safetensors", b"\0" * 32)}, data={"name": "junk"})
+        assert r.status_code == 422 and "safetensors" in r.json()["detail"]
+        assert "medlego_requests_total" in c.get("/metrics").text
+
+    with grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}") as ch:
+        stub = pb_grpc.MedlegoStub(ch)
+        answer = stub.Diagnose(pb.DiagnoseRequest(adapter="r2", image=png), timeout=60)
+        assert answer.adapter == "r2" and answer.replica
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Diagnose(pb.DiagnoseRequest(adapter="missing", image=png), timeout=60)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "registered:" in e.value.details()
+        assert "fresh@1" in {a.ref for a in stub.ListAdapters(pb.ListAdaptersRequest(), timeout=60).adapters}
