@@ -1,0 +1,33 @@
+"""`medlego export`: one task as an ONNX model (adapter folded into the base), checked before writing."""
+
+from __future__ import annotations
+
+import json
+
+from .common import add_base_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export base + adapter + one task's head to ONNX (checked with onnxruntime)")
+    add_base_args(p)
+    p.add_argument("--adapter", required=True, help="adapter file or registered NAME[@VERSION]")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--task", help="which task (needed for merged adapters)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |ONNX - engine| on the check batch")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from medlego.jobs.export import export_onnx
+    from medlego.runtime.refs import load_adapter_ref
+
+    from .common import load_base_from_args
+
+    base = load_base_from_args(args)
+    adapter, _ = load_adapter_ref(args.adapter, data_dir=args.data_dir, expected_base=base.spec)
+    info = export_onnx(base, adapter, args.task, args.output, opset=args.opset, tolerance=args.tolerance)
+    print(f"checked with onnxruntime: max abs diff {info['max_abs_diff']:.3g} (tolerance {args.tolerance:g})")
+    print(json.dumps(info))
+    return 0
