@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import threading
 
@@ -129,9 +130,15 @@ class EmbeddedServer:
 
     # -- foreground mode ------------------------------------------------------------------------
     def run(self) -> None:
-        """Serve in this thread until SIGINT/SIGTERM (uvicorn handles the signals)."""
+        """Serve in this thread until SIGINT/SIGTERM, then shut down gracefully and return.
+
+        uvicorn catches the signal, drains, and re-raises it once it is done; the no-op handlers
+        installed here make that re-raise a normal return (exit status 0) instead of a kill."""
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             asyncio.run(self.serve())
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.service.close()
 
