@@ -22,11 +22,11 @@ def _pattern(size: int, k: int) -> np.ndarray:
     return np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy))
 
 
-def _image(rng, size: int, present, rgb: bool) -> np.ndarray:
+def _image(rng, size: int, present, rgb: bool, offset: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size] / size
     img = 0.35 + 0.05 * rng.standard_normal((size, size))
     for k in present:
-        img += 0.18 * _pattern(size, k) * rng.uniform(0.8, 1.2)
+        img += 0.18 * _pattern(size, k + offset) * rng.uniform(0.8, 1.2)
     cy, cx = rng.uniform(0.2, 0.8, 2)  # an unrelated bright spot: position carries no label
     img += 0.3 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.07 ** 2))
     img = np.clip(img, 0, 1)
@@ -37,9 +37,10 @@ def _image(rng, size: int, present, rgb: bool) -> np.ndarray:
 
 def make_synthetic_medmnist(path: str | Path, *, classes: int = 4, multilabel: bool = False, size: int = 28,
                             rgb: bool = False, n_train: int = 200, n_val: int = 60, n_test: int = 60,
-                            seed: int = 0) -> Path:
+                            seed: int = 0, pattern_offset: int = 0) -> Path:
     """Write ``train_images``/``train_labels``/``val_*``/``test_*`` like medmnist does ([N, 1] int labels,
-    or [N, C] 0/1 for multi-label)."""
+    or [N, C] 0/1 for multi-label). ``pattern_offset`` shifts which textures the labels use, so that
+    several datasets are different tasks (the merge table uses it)."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
@@ -53,7 +54,7 @@ def make_synthetic_medmnist(path: str | Path, *, classes: int = 4, multilabel: b
                 c = int(rng.integers(classes))
                 present = [c]
                 labels.append([c])
-            imgs.append(_image(rng, size, present, rgb))
+            imgs.append(_image(rng, size, present, rgb, pattern_offset))
         arrays[f"{split}_images"] = np.stack(imgs)
         arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.uint8 if multilabel else np.int64)
     out = Path(path)

@@ -1,0 +1,333 @@
+"""Load benchmark: the served system vs the engine called in-process, 32 adapters uniformly mixed.
+
+    python -m medlego.benchmarks.load_bench                       # embedded and Ray, defaults below
+    python -m medlego.benchmarks.load_bench --modes embedded --requests 256
+
+One run: build a base (``--model`` at ``--img-size``, seeded random weights) and a registry of
+``--adapters`` random SVD-LoRA adapters (ranks 2..8); encode ``--images`` distinct PNGs; draw a
+plan of ``--requests`` (image, adapter) pairs with adapters uniform at random. Then
+
+1. **in-process**: the engine's own ``infer`` on the preprocessed plan, in batches of
+   ``--max-batch`` (this is the reference answer for every pair, and the throughput to match);
+2. **embedded**: ``EmbeddedServer`` (REST) in this process; the load comes from a *separate
+   process* on loopback: ``--concurrency`` requests in flight (closed loop), ``--requests`` in all
+   (a bounded load), multipart PNG uploads to ``/v1/diagnose``;
+3. **ray**: the same load against a local Ray Serve deployment (``--replicas`` engine replicas
+   behind the FastAPI ingress, adapter-affine routing);
+4. the in-process engine again (drift check: the machine may be shared).
+
+Every answer is checked against the in-process answer for its image and adapter (adapter,
+sha256, task, every probability within 1e-4). Reported: throughput (images/s) and its ratio to
+the in-process engine (the mean of runs 1 and 4), p50/p99 latency, errors, mismatches.
+Results: ``benchmarks/results/load_bench.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOLERANCE = 1e-4
+
+
+# -- the load generator (runs in its own process) ---------------------------------------------------
+async def _client_main(url: str, plan: list, images_dir: Path, concurrency: int, out: Path) -> None:
+    import httpx
+
+    images = {}
+    for i, _ in plan:
+        if i not in images:
+            images[i] = (images_dir / f"{i}.png").read_bytes()
+    sem = asyncio.Semaphore(concurrency)
+    results: list = [None] * len(plan)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        async def one(n: int, image: int, adapter: str):
+            async with sem:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/v1/diagnose", files={"file": (f"{image}.png", images[image])},
+                                          data={"adapter": adapter})
+                    status, body = r.status_code, (r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text)
+                except Exception as e:  # a transport error counts as an error, never a crash of the generator
+                    status, body = -1, f"{type(e).__name__}: {e}"
+                t1 = time.perf_counter()
+            if status == 200:
+                body = {k: body.get(k) for k in ("adapter", "version", "sha256", "task", "probabilities", "replica",
+                                                  "multiplex_hit")}
+            results[n] = {"status": status, "latency_s": t1 - t0, "body": body, "start": t0, "end": t1}
+
+        t_start = time.perf_counter()
+        await asyncio.gather(*[one(n, i, a) for n, (i, a) in enumerate(plan)])
+        wall = time.perf_counter() - t_start
+    out.write_text(json.dumps({"wall_s": wall, "results": results}))
+
+
+def run_client_process(url: str, plan: list, images_dir: Path, concurrency: int, work: Path) -> dict:
+    plan_file, out_file = work / "plan.json", work / f"client-{time.time_ns()}.json"
+    plan_file.write_text(json.dumps(plan))
+    cmd = [sys.executable, "-m", "medlego.benchmarks.load_bench", "--client", "--url", url, "--plan", str(plan_file),
+           "--images-dir", str(images_dir), "--concurrency", str(concurrency), "--client-out", str(out_file)]
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(out_file.read_text())
+
+
+# -- setup ---------------------------------------------------------------------------------------
+def build_world(args, work: Path):
+    import torch
+
+    from medlego.runtime.base import init_weights_file, load_base
+    from medlego.runtime.registry import Registry
+    from medlego.runtime.synthetic import random_adapter
+    from medlego.serving.sample_images import encode_png, random_image
+
+    weights = init_weights_file(args.model, 0, work / "base.safetensors", img_size=args.img_size)
+    base = load_base(args.model, weights)
+    data = work / "registry"
+    reg = Registry(data, base=base.spec)
+    names = [f"adapter{i:02d}" for i in range(args.adapters)]
+    for i, name in enumerate(names):
+        reg.register(name, random_adapter(base.spec, base.preprocess, rank=2 + (i % 4) * 2, seed=1000 + i).to_bytes())
+    images_dir = work / "images"
+    images_dir.mkdir()
+    for i in range(args.images):
+        (images_dir / f"{i}.png").write_bytes(encode_png(random_image(i, args.img_size)))
+    rng = np.random.default_rng(args.seed)
+    plan = [(int(rng.integers(args.images)), names[int(rng.integers(len(names)))]) for _ in range(args.requests)]
+    torch.manual_seed(0)
+    return weights, data, images_dir, names, plan
+
+
+def in_process(args, weights, data, images_dir, plan) -> tuple[list, float]:
+    """The engine alone: answers for the plan and images/s (inference calls only, inputs preprocessed)."""
+    import torch
+
+    from medlego.runtime.base import load_base
+    from medlego.runtime.engine import Engine, EngineConfig
+    from medlego.runtime.imaging import decode_image, preprocess
+    from medlego.runtime.registry import Registry
+
+    base = load_base(args.model, weights)
+    engine = Engine(base, Registry(data, base=base.spec), EngineConfig(slots=64))
+    engine.warmup()
+    pp = engine.resolve(plan[0][1]).preprocess
+    tensors = {i: preprocess(decode_image((images_dir / f"{i}.png").read_bytes()), pp) for i, _ in plan}
+    for name in sorted({a for _, a in plan}):  # adapters resident first: the servers are warmed the same way
+        engine.infer(tensors[plan[0][0]].unsqueeze(0), [name])
+    answers = []
+    t0 = time.perf_counter()
+    for s in range(0, len(plan), args.max_batch):
+        chunk = plan[s:s + args.max_batch]
+        answers += engine.infer(torch.stack([tensors[i] for i, _ in chunk]), [a for _, a in chunk])
+    elapsed = time.perf_counter() - t0
+    return [{"adapter": d.adapter, "sha256": d.sha256, "task": d.task, "probabilities": d.probabilities}
+            for d in answers], len(plan) / elapsed
+
+
+def check(results: list, expected: list) -> tuple[int, int, list]:
+    errors, mismatches, examples = 0, 0, []
+    for n, (r, exp) in enumerate(zip(results, expected)):
+        if r["status"] != 200:
+            errors += 1
+            if len(examples) < 3:
+                examples.append(f"request {n}: {r['status']} {str(r['body'])[:200]}")
+            continue
+        b = r["body"]
+        same = (b["adapter"] == exp["adapter"] and b["sha256"] == exp["sha256"] and b["task"] == exp["task"]
+                and set(b["probabilities"]) == set(exp["probabilities"])
+                and all(abs(b["probabilities"][k] - v) <= TOLERANCE for k, v in exp["probabilities"].items()))
+        if not same:
+            mismatches += 1
+            if len(examples) < 3:
+                examples.append(f"request {n}: got {b['adapter']} {b['probabilities']}, expected {exp['probabilities']}")
+    return errors, mismatches, examples
+
+
+def summarize(mode: str, run: dict, expected: list, baseline: float, extra: dict | None = None) -> dict:
+    results = run["results"]
+    lat = np.array([r["latency_s"] for r in results if r["status"] == 200]) * 1000
+    errors, mismatches, examples = check(results, expected)
+    throughput = len(results) / run["wall_s"]
+    out = {"mode": mode, "requests": len(results), "wall_s": round(run["wall_s"], 3),
+           "throughput_img_s": round(throughput, 2), "ratio_vs_in_process": round(throughput / baseline, 3),
+           "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+           "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
+           "errors": errors, "mismatches": mismatches, "examples": examples}
+    if results and results[0]["status"] == 200 and results[0]["body"].get("replica"):
+        bodies = [r["body"] for r in results if r["status"] == 200]
+        out["replicas"] = sorted({b["replica"] for b in bodies})
+        out["multiplex_hit_ratio"] = round(sum(bool(b.get("multiplex_hit")) for b in bodies) / len(bodies), 3)
+    out.update(extra or {})
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _warm(url: str, names: list, images_dir: Path) -> None:
+    """One request per adapter before timing (the in-process engine is warmed the same way)."""
+    import httpx
+
+    png = (images_dir / "0.png").read_bytes()
+    with httpx.Client(base_url=url, timeout=300) as c:
+        deadline = time.time() + 300
+        while c.get("/readyz").status_code != 200:
+            if time.time() > deadline:
+                raise RuntimeError("server not ready")
+            time.sleep(0.2)
+        for name in names:
+            r = c.post("/v1/diagnose", files={"file": ("0.png", png)}, data={"adapter": name})
+            r.raise_for_status()
+
+
+def run_embedded(args, weights, data, images_dir, names, plan, expected, baseline, work) -> dict:
+    from medlego.runtime.base import load_base
+    from medlego.runtime.engine import Engine, EngineConfig
+    from medlego.runtime.registry import Registry
+    from medlego.serving.server import EmbeddedServer
+    from medlego.serving.service import BatchingConfig, DiagnosisService
+
+    base = load_base(args.model, weights)
+    engine = Engine(base, Registry(data, base=base.spec, input_size=base.input_size), EngineConfig(slots=64))
+    service = DiagnosisService(engine, batching=BatchingConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                                               decode_workers=2))
+    server = EmbeddedServer(service, port=0, grpc_port=None).start()
+    try:
+        _warm(server.url, names, images_dir)
+        before = engine.counters.observations("batch_size")
+        run = run_client_process(server.url, plan, images_dir, args.concurrency, work)
+        count, total = engine.counters.observations("batch_size")
+        mean_batch = (total - before[1]) / max(1, count - before[0])
+    finally:
+        server.stop()
+    return summarize("embedded (REST)", run, expected, baseline, {"mean_batch_size": round(mean_batch, 2)})
+
+
+def run_ray(args, weights, data, images_dir, names, plan, expected, baseline, work) -> dict:
+    from medlego.serving.config import ServeConfig
+    from medlego.serving.ray_app import start_local, stop_local
+
+    cfg = ServeConfig(model=args.model, weights=str(weights), data_dir=str(data), host="127.0.0.1", port=_free_port(),
+                      grpc_port=_free_port())
+    cfg.engine.slots = 64
+    cfg.batching.max_batch, cfg.batching.max_wait_ms = args.max_batch, args.max_wait_ms
+    cpus = os.cpu_count() or 2
+    try:
+        start_local(cfg, replicas=args.replicas, num_cpus=cpus, replica_cpus=cpus / args.replicas,
+                    torch_threads=max(1, cpus // args.replicas), grpc=False)
+        url = f"http://127.0.0.1:{cfg.port}"
+        _warm(url, names, images_dir)
+        run = run_client_process(url, plan, images_dir, args.concurrency, work)
+    finally:
+        stop_local()
+    return summarize(f"Ray Serve ({args.replicas} replica{'s' if args.replicas > 1 else ''})", run, expected, baseline)
+
+
+def write_results(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    s = report["setup"]
+    lines = [
+        "# Load benchmark: served vs in-process engine", "",
+        f"{s['requests']} requests, {s['adapters']} adapters uniformly mixed (ranks 2-8), {s['images']} distinct "
+        f"{s['img_size']}x{s['img_size']} PNGs, base `{s['model']}` at {s['img_size']} px, concurrency "
+        f"{s['concurrency']} (closed loop, separate client process on loopback), batcher max_batch {s['max_batch']}, "
+        f"max_wait {s['max_wait_ms']} ms. Machine: {s['machine']}. Every answer checked against the in-process "
+        f"engine's answer for its image and adapter (abs tolerance {TOLERANCE}).", "",
+        f"In-process engine (inference calls only, preprocessed inputs, batches of {s['max_batch']}): "
+        f"{report['in_process']['before_img_s']:.2f} img/s before, {report['in_process']['after_img_s']:.2f} after; "
+        f"reference = mean {report['in_process']['reference_img_s']:.2f} img/s.", "",
+        "| mode | throughput (img/s) | vs in-process | p50 (ms) | p99 (ms) | errors | mismatches | notes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in report["runs"]:
+        notes = []
+        if "mean_batch_size" in r:
+            notes.append(f"mean batch {r['mean_batch_size']}")
+        if "multiplex_hit_ratio" in r:
+            notes.append(f"{len(r['replicas'])} replica(s), multiplex hit ratio {r['multiplex_hit_ratio']}")
+        lines.append(f"| {r['mode']} | {r['throughput_img_s']:.2f} | {r['ratio_vs_in_process']:.3f} | {r['p50_ms']} | "
+                     f"{r['p99_ms']} | {r['errors']} | {r['mismatches']} | {', '.join(notes)} |")
+    lines += ["", f"Goal: ≥ 0.9× the in-process engine. Command: `{report['command']}`.", ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--requests", type=int, default=512)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--modes", default="embedded,ray")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS / "load_bench"))
+    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--plan", help=argparse.SUPPRESS)
+    p.add_argument("--images-dir", help=argparse.SUPPRESS)
+    p.add_argument("--client-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.client:
+        plan = [tuple(x) for x in json.loads(Path(args.plan).read_text())]
+        asyncio.run(_client_main(args.url, plan, Path(args.images_dir), args.concurrency, Path(args.client_out)))
+        return 0
+
+    import torch
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    with tempfile.TemporaryDirectory(prefix="medlego-load-") as tmp:
+        work = Path(tmp)
+        weights, data, images_dir, names, plan = build_world(args, work)
+        print(f"world: {args.model}@{args.img_size}, {len(names)} adapters, {len(plan)} requests", flush=True)
+        expected, before = in_process(args, weights, data, images_dir, plan)
+        print(f"in-process engine: {before:.2f} img/s", flush=True)
+        runs = []
+        for mode in modes:
+            fn = {"embedded": run_embedded, "ray": run_ray}[mode]
+            r = fn(args, weights, data, images_dir, names, plan, expected, before, work)
+            print(json.dumps(r), flush=True)
+            runs.append(r)
+        _, after = in_process(args, weights, data, images_dir, plan)
+        print(f"in-process engine again: {after:.2f} img/s", flush=True)
+    reference = (before + after) / 2
+    for r in runs:
+        r["ratio_vs_in_process"] = round(r["throughput_img_s"] / reference, 3)
+    report = {
+        "setup": {"model": args.model, "img_size": args.img_size, "adapters": args.adapters, "images": args.images,
+                  "requests": args.requests, "concurrency": args.concurrency, "max_batch": args.max_batch,
+                  "max_wait_ms": args.max_wait_ms, "replicas": args.replicas, "seed": args.seed,
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+                             f"({torch.get_num_threads()} threads), no GPU" if not torch.cuda.is_available()
+                             else torch.cuda.get_device_name(0)},
+        "in_process": {"before_img_s": round(before, 2), "after_img_s": round(after, 2), "reference_img_s": round(reference, 2)},
+        "runs": runs,
+        "command": "python -m medlego.benchmarks.load_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    write_results(report, Path(args.out))
+    print(Path(args.out).with_suffix(".md").read_text())
+    bad = [r for r in runs if r["errors"] or r["mismatches"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
