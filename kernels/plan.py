@@ -20,7 +20,7 @@ class BatchPlan:
     segment_slots: torch.Tensor  # [G] int32: the distinct slots, ascending (−1 included if present)
     segment_starts: torch.Tensor  # [G + 1] int32: offsets into `order`
     num_active: int  # images with a slot >= 0
-    max_rank: int  # the bank's rank dimension R (0 when unknown)
+    max_rank: int  # the largest real adapter rank in this batch (0: use the bank's whole R)
 
     @property
     def batch(self) -> int:

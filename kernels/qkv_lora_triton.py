@@ -171,6 +171,7 @@ def qkv_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"out must be a contiguous [{n}, {t}, {3 * d}] tensor")
     y2 = y.view(n * t, 3 * d)
     cfg = pick_config(d, t, x.dtype, dev)
+    r = min(plan.max_rank, r) if plan.max_rank > 0 else r  # ranks above the batch's largest are E = 0 padding
     r_pad = max(16, triton.next_power_of_2(r))
     grid = (n * triton.cdiv(t, cfg["BLOCK_M"]), triton.cdiv(3 * d, cfg["BLOCK_N"]))
     order = plan.order if plan.order.device == dev else plan.order.to(dev)

@@ -15,8 +15,9 @@ Semantics:
     # K rows [D, 2D) are never touched.
 
 Shapes: x [N, T, D]; weight [3D, D]; bias [3D] or None; lora_a [S, 2, R, D] (index 0 = Q,
-1 = V); lora_e [S, 2, R]; lora_b [S, 2, D, R]; ranks below R are zero-padded (E = 0, and the
-padded rows of A / columns of B are zero), which is exact.
+1 = V); lora_e [S, 2, R]; lora_b [S, 2, D, R]. Ranks below R are padding with E = 0 (A and B
+there hold finite values, e.g. a previous tenant's), which contributes exactly nothing;
+``plan.max_rank`` (when > 0) is the largest real rank in the batch, and work above it is skipped.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def qkv_lora_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if not plan.any_active:
         return y
     n_img, tokens, d = x.shape
-    r = lora_a.shape[2]
+    # ranks above the batch's largest adapter rank are zero-padding (E = 0): skip them
+    r = min(plan.max_rank, lora_a.shape[2]) if plan.max_rank > 0 else lora_a.shape[2]
     slots = plan.image_slots.to(device=x.device, dtype=torch.int64)
     if plan.all_active:
         idx, xs = slots, x
@@ -42,14 +44,18 @@ def qkv_lora_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         active = torch.nonzero(slots >= 0).flatten()
         idx, xs = slots[active], x[active]
     n = idx.shape[0]
-    # One gathered copy of each image's factors (per image, not per token): [n, 2R, D] etc.
-    a = lora_a[idx].reshape(n, 2 * r, d).to(x.dtype)
-    e = lora_e[idx].reshape(n, 1, 2 * r).to(x.dtype)
-    b = lora_b[idx].to(x.dtype)  # [n, 2, D, R]
-    h = torch.bmm(xs, a.transpose(1, 2)) * e  # [n, T, 2R]
+    # One gathered copy of each image's factors (per image, not per token): [n, 2r, D] etc.
+    a = lora_a[idx, :, :r].reshape(n, 2 * r, d).to(x.dtype)
+    e = lora_e[idx, :, :r].reshape(n, 1, 2 * r).to(x.dtype)
+    b = lora_b[idx, :, :, :r].to(x.dtype)  # [n, 2, D, r]
+    h = torch.bmm(xs, a.transpose(1, 2)) * e  # [n, T, 2r]
     dq = torch.bmm(h[..., :r], b[:, 0].transpose(1, 2))  # [n, T, D]
     dv = torch.bmm(h[..., r:], b[:, 1].transpose(1, 2))
-    delta = torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)  # K rows untouched
+    # added in place into the projection's output (K rows untouched): no [N, T, 3D] temporary
     if plan.all_active:
-        return y + delta
-    return y.index_add(0, active, delta)
+        y[..., :d] += dq
+        y[..., 2 * d:] += dv
+    else:
+        y[..., :d].index_add_(0, active, dq)
+        y[..., 2 * d:].index_add_(0, active, dv)
+    return y

@@ -418,7 +418,11 @@ def _build(meta: dict, tensors: Mapping[str, torch.Tensor], *, expected_base: Ba
         t = tensors[name]
         _need(t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
               f"tensor '{name}' has dtype {t.dtype}, expected a floating-point dtype")
-        _need(bool(torch.isfinite(t).all()), f"tensor '{name}' has non-finite values (NaN or Inf)")
+    # one fused pass over every tensor (a NaN or Inf makes its norm non-finite); per tensor only to name it
+    norms = torch._foreach_norm([tensors[n].float() for n in expected])
+    if not bool(torch.isfinite(torch.stack(norms)).all()):
+        for name in expected:
+            _need(bool(torch.isfinite(tensors[name]).all()), f"tensor '{name}' has non-finite values (NaN or Inf)")
 
     def factors(i: int, t: str) -> LowRank:
         a, e, b = (tensors[f"blocks.{i}.{t}.{k}"] for k in "AEB")

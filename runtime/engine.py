@@ -173,7 +173,8 @@ class Engine:
                 distinct.setdefault(r.adapter.sha256, r.adapter.host)
         slots = dict(zip(distinct, self.pool.acquire(list(distinct.values()))))
         image_slots = [-1 if r.adapter is None else slots[r.adapter.sha256] for r in reqs]
-        plan = BatchPlan.build(image_slots, device=self.device, max_rank=self.config.max_rank)
+        batch_rank = max((h.e.shape[-1] for h in distinct.values()), default=0)
+        plan = BatchPlan.build(image_slots, device=self.device, max_rank=batch_rank)
         pixels = torch.stack([r.image for r in reqs]).to(self.device, self.dtype, non_blocking=True)
         source = PackedSource(self.pool.lora_a, self.pool.lora_e, self.pool.lora_b, plan, self.qkv_fn)
         t1 = time.perf_counter()

@@ -96,6 +96,13 @@ def pack_adapter(adapter: Adapter, rank: int | None = None, dtype: torch.dtype =
     r_max = adapter.max_rank if rank is None else rank
     if adapter.max_rank > r_max:
         raise ValueError(f"adapter rank {adapter.max_rank} exceeds the packed rank {r_max}")
+    mats = [(adapter.q[i], adapter.v[i]) for i in range(adapter.depth)]
+    if all(q.rank == r_max and v.rank == r_max for q, v in mats):
+        # the common case (one rank everywhere): one stack per tensor, no zero-fill pass
+        a = torch.stack([torch.stack([q.A, v.A]) for q, v in mats])
+        e = torch.stack([torch.stack([q.E, v.E]) for q, v in mats])
+        b = torch.stack([torch.stack([q.B, v.B]) for q, v in mats])
+        return a.to(device, dtype), e.to(device, dtype), b.to(device, dtype)
     depth, d = adapter.depth, adapter.base.embed_dim
     a = torch.zeros(depth, 2, r_max, d, dtype=dtype, device=device)
     e = torch.zeros(depth, 2, r_max, dtype=dtype, device=device)

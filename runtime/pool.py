@@ -35,9 +35,9 @@ class HostAdapter:
 
     entry: Entry
     adapter: Adapter
-    a: torch.Tensor  # [L, 2, R, D]
-    e: torch.Tensor  # [L, 2, R]
-    b: torch.Tensor  # [L, 2, D, R]
+    a: torch.Tensor  # [L, 2, r, D] at the adapter's own max rank r (≤ the pool's R)
+    e: torch.Tensor  # [L, 2, r]
+    b: torch.Tensor  # [L, 2, D, r]
     heads: dict  # task -> (weight [C, D], bias [C]) on the engine's device and dtype
 
     @property
@@ -123,7 +123,8 @@ class AdapterPool:
 
         adapter = parse_adapter(self.registry.read_bytes(entry), expected_base=self.registry.base,
                                 max_rank=self.max_rank)
-        a, e, b = pack_adapter(adapter, self.max_rank, self.dtype, "cpu")
+        # packed at its own rank: a smaller host copy, and no zero-fill up to the pool's rank
+        a, e, b = pack_adapter(adapter, None, self.dtype, "cpu")
         if self._stream is not None:
             a, e, b = a.pin_memory(), e.pin_memory(), b.pin_memory()
         heads = {name: (h.weight.to(self.device, self.dtype), h.bias.to(self.device, self.dtype))
@@ -198,9 +199,14 @@ class AdapterPool:
     def _copy_in(self, copies: list[tuple[int, HostAdapter]]) -> None:
         def run():
             for slot, h in copies:
-                self.lora_a[:, slot].copy_(h.a, non_blocking=True)
-                self.lora_e[:, slot].copy_(h.e, non_blocking=True)
-                self.lora_b[:, slot].copy_(h.b, non_blocking=True)
+                r = h.e.shape[-1]
+                # ranks above r keep the previous tenant's (finite) A and B; E = 0 there makes them
+                # contribute exactly nothing, so only E needs clearing
+                self.lora_a[:, slot, :, :r].copy_(h.a, non_blocking=True)
+                self.lora_b[:, slot, :, :, :r].copy_(h.b, non_blocking=True)
+                self.lora_e[:, slot, :, :r].copy_(h.e, non_blocking=True)
+                if r < self.max_rank:
+                    self.lora_e[:, slot, :, r:].zero_()
 
         if self._stream is None:
             run()

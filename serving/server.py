@@ -81,7 +81,13 @@ class EmbeddedServer:
 
         async def warm():
             if self.warmup:
-                await self._loop.run_in_executor(None, self.service.warmup)
+                try:
+                    await self._loop.run_in_executor(None, self.service.warmup)
+                except Exception as e:  # stay alive but not ready: /readyz keeps saying 503
+                    log.exception("warm-up failed; the server stays not ready")
+                    self._error = e  # start() raises it; run() keeps serving health and metrics
+                    self.ready.set()
+                    return
             if health is not None:
                 await set_serving(health, True)
             self.ready.set()

@@ -39,6 +39,8 @@ OUTCOMES = {200: "ok", 400: "bad_request", 401: "unauthorized", 403: "forbidden"
 def outcome_of(error: BaseException | None) -> str:
     if error is None:
         return "ok"
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"  # the client went away
     return OUTCOMES.get(getattr(error, "status", 500), "error") if isinstance(error, MedlegoError) else "error"
 
 

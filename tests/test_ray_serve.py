@@ -117,6 +117,9 @@ def test_hot_registration_errors_and_grpc_through_ray(ray_server, tiny_base):
                    files={"file": ("n.safetensors", b"\0" * 32)}, data={"name": "junk"})
         assert r.status_code == 422 and "safetensors" in r.json()["detail"]
         assert "medlego_requests_total" in c.get("/metrics").text
+        info = c.get("/v1/info").json()  # a replica's view: pool, multiplexing, Ray metrics bridge
+        assert info["ray_metrics"]["syncs"] >= 1 and info["ray_metrics"]["last_error"] is None
+        assert info["multiplex"]["requests"] >= 1 and info["pool"]["device_slots"] == 8
 
     with grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}") as ch:
         stub = pb_grpc.MedlegoStub(ch)
@@ -126,3 +129,21 @@ def test_hot_registration_errors_and_grpc_through_ray(ray_server, tiny_base):
             stub.Diagnose(pb.DiagnoseRequest(adapter="missing", image=png), timeout=60)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "registered:" in e.value.details()
         assert "fresh@1" in {a.ref for a in stub.ListAdapters(pb.ListAdaptersRequest(), timeout=60).adapters}
+
+
+def test_serve_deploy_config_is_valid_and_builds(tiny_base_file, tmp_path):
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from medlego.serving.ray_app import app_builder
+
+    path = Path(__file__).resolve().parents[1] / "serving" / "ray_config.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    app_cfg = schema.applications[0]
+    assert app_cfg.import_path == "medlego.serving.ray_app:app_builder"
+    assert schema.grpc_options.grpc_servicer_functions == ["medlego.serving.medlego_pb2_grpc.add_MedlegoServicer_to_server"]
+    app = app_builder({**app_cfg.args, "weights": str(tiny_base_file), "model": TINY_MODEL, "data_dir": str(tmp_path),
+                       "replica_gpus": 0, "device": "cpu"})
+    assert type(app).__name__ == "Application"
