@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ class Registry:
         self.store.mkdir(parents=True, exist_ok=True)
         self.base, self.max_rank, self.input_size = base, max_rank, input_size
         self.db_path = self.root / "registry.db"
+        self._local = threading.local()
         with self._connect() as db:
             db.executescript(_SCHEMA)
         self._clean_temp_files()
@@ -104,14 +106,15 @@ class Registry:
     # -- plumbing ----------------------------------------------------------------------------
     @contextmanager
     def _connect(self):
-        db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
-        try:
+        """This thread's connection (opened once: resolving is on the request path)."""
+        db = getattr(self._local, "db", None)
+        if db is None or getattr(self._local, "pid", None) != os.getpid():  # never share across fork
+            db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=True)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=30000")
-            yield db
-        finally:
-            db.close()
+            self._local.db, self._local.pid = db, os.getpid()
+        yield db
 
     @contextmanager
     def _tx(self):
