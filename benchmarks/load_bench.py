@@ -5,20 +5,21 @@
 
 One run: build a base (``--model`` at ``--img-size``, seeded random weights) and a registry of
 ``--adapters`` random SVD-LoRA adapters (ranks 2..8); encode ``--images`` distinct PNGs; draw a
-plan of ``--requests`` (image, adapter) pairs with adapters uniform at random. Then
+plan of ``--requests`` (image, adapter) pairs with adapters uniform at random. The reference is the
+engine's own ``infer`` on the preprocessed plan, in batches of ``--max-batch``, in this process: it
+gives the answer for every pair and the throughput to match. Then, per mode:
 
-1. **in-process**: the engine's own ``infer`` on the preprocessed plan, in batches of
-   ``--max-batch`` (this is the reference answer for every pair, and the throughput to match);
-2. **embedded**: ``EmbeddedServer`` (REST) in this process; the load comes from a *separate
-   process* on loopback: ``--concurrency`` requests in flight (closed loop), ``--requests`` in all
-   (a bounded load), multipart PNG uploads to ``/v1/diagnose``;
-3. **ray**: the same load against a local Ray Serve deployment (``--replicas`` engine replicas
-   behind the FastAPI ingress, adapter-affine routing);
-4. the in-process engine again (drift check: the machine may be shared).
+* **embedded**: ``EmbeddedServer`` (REST) in this process;
+* **ray**: a local Ray Serve deployment (``--replicas`` engine replicas behind the FastAPI ingress,
+  adapter-affine routing);
 
-Every answer is checked against the in-process answer for its image and adapter (adapter,
-sha256, task, every probability within 1e-4). Reported: throughput (images/s) and its ratio to
-the in-process engine (the mean of runs 1 and 4), p50/p99 latency, errors, mismatches.
+each loaded from a *separate process* on loopback: ``--concurrency`` requests in flight (closed
+loop), ``--requests`` per round (a bounded load), multipart PNG uploads to ``/v1/diagnose``,
+``--rounds`` rounds, each bracketed by in-process runs (the machine may be shared, so every ratio
+is taken against the reference measured beside it); then a light load (``--light-concurrency``
+in flight) for latency. Every answer is checked against the in-process answer for its image and
+adapter (adapter, sha256, task, every probability within 1e-4). Reported: throughput (images/s)
+and its ratio to the in-process engine, p50/p99 latency, errors, mismatches.
 Results: ``benchmarks/results/load_bench.{json,md}``.
 """
 
@@ -226,16 +227,17 @@ def _warm(url: str, names: list, images_dir: Path) -> None:
 
 
 def measured_rounds(label: str, url: str, args, plan, light_plan, images_dir, expected, light_expected,
-                    reference: InProcess, work: Path, extra=None) -> list[dict]:
+                    reference: InProcess | None, work: Path, extra=None) -> list[dict]:
     """Per round: in-process engine, then the load on the server, then the in-process engine again.
 
-    The machine may be shared, so each ratio is taken against the in-process runs right beside it."""
+    The machine may be shared, so each ratio is taken against the in-process runs right beside it
+    (reference None: the caller measures them, and fills the ratio in)."""
     rounds = []
     for k in range(args.rounds):
-        _, before = reference.run()
+        before = reference.run()[1] if reference else float("nan")
         run = run_client_process(url, plan, images_dir, args.concurrency, work)
         extra_now = extra() if extra else {}
-        _, after = reference.run()
+        after = reference.run()[1] if reference else float("nan")
         r = summarize(label, run, expected, extra_now)
         r.update(round=k + 1, in_process_before_img_s=round(before, 2), in_process_after_img_s=round(after, 2),
                  ratio_vs_in_process=round(r["throughput_img_s"] / ((before + after) / 2), 3))
@@ -285,14 +287,24 @@ def run_ray(args, weights, data, images_dir, names, plans, expected, reference, 
     cfg.batching.max_batch, cfg.batching.max_wait_ms = args.max_batch, args.max_wait_ms
     cpus = os.cpu_count() or 2
     label = f"Ray Serve ({args.replicas} replica{'s' if args.replicas > 1 else ''})"
+    # Ray's own processes use CPU even when idle, so the in-process engine is measured with Ray down:
+    # right before it starts and right after it stops
+    _, before = reference.run()
     try:
         start_local(cfg, replicas=args.replicas, num_cpus=cpus, replica_cpus=cpus / args.replicas,
                     torch_threads=max(1, cpus // args.replicas), grpc=False)
         url = f"http://127.0.0.1:{cfg.port}"
         _warm(url, names, images_dir)
-        return measured_rounds(label, url, args, plans[0], plans[1], images_dir, expected[0], expected[1], reference, work)
+        rounds, light = measured_rounds(label, url, args, plans[0], plans[1], images_dir, expected[0], expected[1],
+                                        None, work)
     finally:
         stop_local()
+    _, after = reference.run()
+    for r in rounds:
+        r.update(in_process_before_img_s=round(before, 2), in_process_after_img_s=round(after, 2),
+                 ratio_vs_in_process=round(r["throughput_img_s"] / ((before + after) / 2), 3),
+                 reference="in-process engine measured right before Ray started and right after it stopped")
+    return rounds, light
 
 
 def write_results(report: dict, out: Path) -> None:
@@ -306,7 +318,8 @@ def write_results(report: dict, out: Path) -> None:
         f"closed loop with {s['concurrency']} requests in flight, {s['requests']} requests per round (multipart "
         f"uploads to `/v1/diagnose`); batcher max_batch {s['max_batch']}, max_wait {s['max_wait_ms']} ms. "
         f"In-process reference: `engine.infer` on preprocessed tensors in batches of {s['max_batch']} (no decoding, "
-        f"no HTTP), run right before and right after each round; the ratio uses their mean. Every answer is "
+        f"no HTTP), run right before and right after each round (for Ray: before the cluster starts and after it "
+        f"stops, since its idle processes use CPU too); the ratio uses their mean. Every answer is "
         f"checked against the in-process answer for its image and adapter (abs tolerance {TOLERANCE}). "
         f"Machine: {s['machine']}.", "",
         "| mode | round | served (img/s) | in-process before / after (img/s) | served / in-process | p50 (ms) | p99 (ms) "
@@ -349,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--light-concurrency", type=int, default=4)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=2, help="Ray engine replicas (each gets cores // replicas torch threads)")
     p.add_argument("--modes", default="embedded,ray")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "load_bench"))

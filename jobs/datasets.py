@@ -106,7 +106,8 @@ def _check_labels(labels: torch.Tensor, num_classes: int, multilabel: bool, wher
 def load_npz(path: Path, input_size: int, label_names: list[str] | None = None,
              num_classes: int | None = None) -> Dataset:
     try:
-        data = np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
     except Exception as e:
         raise BadInputError(f"cannot read {path} as an .npz file: {e}") from None
     h = hashlib.sha256()
@@ -159,9 +160,10 @@ def _read(path: Path) -> torch.Tensor:
 
 def load_folder(root: Path, input_size: int, seed: int) -> Dataset:
     has_splits = all((root / s).is_dir() for s in ("train", "val", "test"))
-    if not has_splits and any((root / s).is_dir() for s in SPLITS) and (root / "train").is_dir():
-        missing = [s for s in SPLITS if not (root / s).is_dir()]
-        raise BadInputError(f"{root} has a train/ folder but no {', '.join(missing)}/ folder")
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if present and not has_splits:  # some split folders but not all: a missing split, not class folders
+        missing = [s for s in SPLITS if s not in present]
+        raise BadInputError(f"{root} has a {'/, '.join(present)}/ folder but no {'/, '.join(missing)}/ folder")
     class_root = root / "train" if has_splits else root
     classes = sorted(p.name for p in class_root.iterdir() if p.is_dir())
     if len(classes) < 2:

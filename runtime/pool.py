@@ -178,8 +178,10 @@ class AdapterPool:
                     copies.append((slot, h))
                     self.counters.inc("pool_misses", tier="device")
                     self.counters.inc("pool_loads", tier="host")
-                if h.entry.pinned:
+                if h.entry.pinned:  # the registry's pin flag, as of this request's resolve
                     self._pinned.add(sha)
+                else:
+                    self._pinned.discard(sha)
                 out.append(slot)
         if copies:
             self._copy_in(copies)

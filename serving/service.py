@@ -261,6 +261,9 @@ class DiagnosisService:
     def pin(self, ref: str) -> dict:
         def run():
             entry = self.registry.pin(ref)
+            # a host copy remembers its registry entry as it was when loaded (unpinned): drop it, so the
+            # next request reloads the entry as pinned and the pool keeps the adapter on the device
+            self.engine.pool.evict(entry.sha256)
             self.engine.pool.pin(entry.sha256)
             return self.registry.describe(entry.ref)
         return self._admin("pin", run)

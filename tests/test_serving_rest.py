@@ -133,19 +133,19 @@ def test_json_and_batch_forms_match_single(client):
     single = client.post("/v1/diagnose", files={"file": ("a.png", imgs[0])}, data={"adapter": "ad1"}).json()
     as_json = client.post("/v1/diagnose", json={"adapter": "ad1", "image": base64.b64encode(imgs[0]).decode()})
     assert as_json.status_code == 200
-    assert as_json.json()["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
+    assert as_json.json()["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
     batch = client.post("/v1/diagnose/batch", json={
         "adapter": "ad1", "items": [{"image": base64.b64encode(imgs[0]).decode()},
                                     {"image": base64.b64encode(imgs[2]).decode(), "adapter": "ad2", "task": "chest"}]})
     assert batch.status_code == 200, batch.text
     results = batch.json()["results"]
     assert [r["adapter"] for r in results] == ["ad1", "ad2"] and results[1]["task"] == "chest"
-    assert results[0]["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
+    assert results[0]["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
     multi = client.post("/v1/diagnose/batch", files=[("file", ("a.png", imgs[0])), ("file", ("b.jpg", imgs[2]))],
                         data={"adapter": ["ad1", "ad3"]})
     assert multi.status_code == 200, multi.text
     assert [r["adapter"] for r in multi.json()["results"]] == ["ad1", "ad3"]
-    assert multi.json()["results"][0]["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
+    assert multi.json()["results"][0]["probabilities"] == pytest.approx(single["probabilities"], abs=1e-5)
 
 
 def test_register_while_requests_flow(server, client, tiny_base):
@@ -418,3 +418,16 @@ def test_metrics_move_and_health(client):
     spec = client.get("/openapi.json").json()
     assert {"/v1/diagnose", "/v1/diagnose/batch", "/v1/adapters", "/metrics"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/v1/diagnose"]["post"]["requestBody"]["content"]
+
+
+def test_decode_pool_runs_torch_single_threaded(server):
+    """Decode threads must not start OpenMP teams beside the engine's (see single_threaded_executor)."""
+    main_threads = torch.get_num_threads()
+    pool = server.service.executor
+    assert {pool.submit(torch.get_num_threads).result() for _ in range(6)} == {1}
+    assert torch.get_num_threads() == main_threads
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # a new thread gets the default
+    t.start()
+    t.join()
+    assert seen == [main_threads]
