@@ -100,3 +100,6 @@ def test_gpu_benchmark_script_runs_in_interpreter_mode(tmp_path):
     res = json.loads((tmp_path / "kernel_bench_interpret.json").read_text())
     assert len(res["kernel"]) == 4 and all(row["max_rel_err"] < 1e-4 for row in res["kernel"])
     assert res["engine"]["kernel"] == "qkv_lora_reference" and res["engine"]["ratio"] > 0
+    assert [r["adapters"] for r in res["engine"]["rows"]] == ["1", "distinct"]
+    assert res["sweep"] and all("error" not in r and r["max_rel_err"] < 1e-4 for r in res["sweep"])
+    assert len(res["goals"]) == 3 and all(g["met"] is None for g in res["goals"])  # the interpreter is not a measurement
