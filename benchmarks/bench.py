@@ -52,7 +52,7 @@ class BenchConfig:
     scale_registered: int = 1000
     scale_resident: int = 256
     scale_batch: int = 32
-    scale_batches: int = 4
+    scale_batches: int = 10
     memory_budget_gib: float = 1.0
     cold_load_dim: int = 768  # cold-load measured on vit_base-shaped adapters (the goal)
     cold_load_depth: int = 12

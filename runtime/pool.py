@@ -91,6 +91,7 @@ class AdapterPool:
             with self._lock:
                 h = self._host.get(entry.sha256)
                 if h is not None:
+                    h.entry = entry  # the caller's fresh row: pins and versions change after loading
                     self._host.move_to_end(entry.sha256)
                     self.counters.inc("pool_hits", tier="host")
                     return h

@@ -127,13 +127,21 @@ class Registry:
                 db.execute("ROLLBACK")
                 raise
 
-    def _clean_temp_files(self, older_than_s: float = 0.0) -> None:
-        """Remove temp files left by registrations that died before their rename."""
-        now = time.time()
+    def _clean_temp_files(self) -> None:
+        """Remove temp files of registrations whose writer died before its rename.
+
+        Temp names carry the writer's pid (``.<pid>-….tmp``); a file of a live process is an upload
+        in progress and is left alone.
+        """
         for p in self.store.glob(".*.tmp"):
             try:
-                if now - p.stat().st_mtime >= older_than_s:
-                    p.unlink()
+                pid = int(p.name[1:].split("-", 1)[0])
+            except ValueError:
+                pid = -1
+            if pid > 0 and pid != os.getpid() and _alive(pid):
+                continue
+            try:
+                p.unlink()
             except FileNotFoundError:
                 pass
 
@@ -161,7 +169,7 @@ class Registry:
         sha = sha256_hex(data)
         path = self.store / f"{sha}.safetensors"
         if not path.exists():
-            atomic_write(path, data)
+            atomic_write(path, data, tmp_prefix=f".{os.getpid()}-{sha[:16]}.")
         meta = {
             "tasks": [t.to_json() for t in adapter.tasks],
             "base": adapter.base.to_json(),
@@ -302,6 +310,16 @@ class Registry:
     def __len__(self) -> int:
         with self._connect() as db:
             return db.execute("SELECT COUNT(*) FROM adapters").fetchone()[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def header_summary(data: bytes) -> dict:

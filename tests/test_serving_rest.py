@@ -206,7 +206,7 @@ def test_register_refuses_invalid_uploads_and_writes_nothing(client, data_dir, t
     assert not names & {"wrong", "junk", "pkl", "nofile"}
 
 
-def test_delete_refused_while_pinned(client, tiny_base):
+def test_delete_refused_while_pinned(server, client, tiny_base):
     img = images()[1]
     data = random_adapter(tiny_base.spec, tiny_base.preprocess, rank=2, seed=91).to_bytes()
     assert client.post("/v1/adapters", headers=admin_headers(), files={"file": ("d.safetensors", data)},
@@ -217,7 +217,11 @@ def test_delete_refused_while_pinned(client, tiny_base):
     r = client.delete("/v1/adapters/doomed@1", headers=admin_headers())
     assert r.status_code == 409 and "pinned" in r.json()["detail"]
     assert client.post("/v1/diagnose", files={"file": ("a.png", img)}, data={"adapter": "doomed"}).status_code == 200
+    pool = server.service.engine.pool
+    assert pool.stats()["pinned"] == 1  # pinned on the device too, not only in the registry
     assert client.post("/v1/adapters/doomed@1/unpin", headers=admin_headers()).json()["pinned"] is False
+    assert client.post("/v1/diagnose", files={"file": ("a.png", img)}, data={"adapter": "doomed"}).status_code == 200
+    assert pool.stats()["pinned"] == 0
     r = client.delete("/v1/adapters/doomed", headers=admin_headers())
     assert r.status_code == 400 and "doomed@N" in r.json()["detail"]  # a bare name needs all_versions
     r = client.delete("/v1/adapters/doomed@1", headers=admin_headers())
