@@ -330,14 +330,14 @@ def to_markdown(r: dict) -> str:
         lines.append(f"| {g['issue']} | {g['what']}{' (' + g['note'] + ')' if g.get('note') else ''} | {val} | {g['goal']} | {met} |")
     tp = r["throughput"]
     sizes = list(next(iter(tp.values())).keys())
-    lines += ["", "## Throughput (images/s) by batch size", "", "| method | " + " | ".join(f"b={b}" for b in sizes) + " |",
-              "| --- | " + " | ".join("---:" for _ in sizes) + " |"]
-    for name, per in tp.items():
-        lines.append(f"| {name} | " + " | ".join(f"{per[b]['images_per_s']:.1f}" for b in sizes) + " |")
-    lines += ["", "## Batch latency (ms, best of the interleaved rounds)", "", "| method | " + " | ".join(f"b={b}" for b in sizes) + " |",
-              "| --- | " + " | ".join("---:" for _ in sizes) + " |"]
-    for name, per in tp.items():
-        lines.append(f"| {name} | " + " | ".join(f"{1000 * per[b]['batch_latency_s']:.1f}" for b in sizes) + " |")
+
+    def table(title: str, cell) -> list[str]:
+        out = ["", title, "", "| method | " + " | ".join(f"b={b}" for b in sizes) + " |",
+               "| --- | " + " | ".join("---:" for _ in sizes) + " |"]
+        return out + [f"| {name} | " + " | ".join(cell(per[b]) for b in sizes) + " |" for name, per in tp.items()]
+
+    lines += table("## Throughput (images/s) by batch size", lambda v: f"{v['images_per_s']:.1f}")
+    lines += table("## Batch latency (ms, best of the interleaved rounds)", lambda v: f"{1000 * v['batch_latency_s']:.1f}")
     cl = r["cold_load"]
     lines += ["", f"## Adapter load latency (d={cl['adapter_shape']['dim']}, {cl['adapter_shape']['depth']} blocks, "
                   f"r={cl['adapter_shape']['rank']}, file {cl['file_bytes']:,} bytes)", "", "| tier | p50 ms | p99 ms |",

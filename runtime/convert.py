@@ -86,10 +86,24 @@ def _peft_head(sd: dict[str, torch.Tensor]) -> Head | None:
 
 
 def _alpha_for(module: str, config: dict) -> float:
+    # PEFT matches a pattern against the whole module path (get_pattern_key): r"(.*\.)?(pattern)$"
+    name = module.removeprefix("base_model.model.")
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.search(pattern, module) or module.endswith(pattern):
+        if re.match(rf"(.*\.)?({pattern})$", name):
             return float(alpha)
     return float(config.get("lora_alpha", 8))
+
+
+def _refuse_unsupported(config: dict, sd: dict[str, torch.Tensor], used: set[str]) -> None:
+    """PEFT features whose effect SVD-LoRA on Q/V + a head cannot carry: refuse, never drop silently."""
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag):
+            raise AdapterFormatError(f"PEFT adapter uses {flag}=true, which SVD-LoRA cannot represent exactly")
+    rest = sorted(k for k in sd if k not in used)
+    if rest:
+        more = f" (+{len(rest) - 3} more)" if len(rest) > 3 else ""
+        raise AdapterFormatError(f"PEFT adapter also changes {', '.join(rest[:3])}{more}: medlego carries only "
+                                 "the Q/V LoRA and the head, so it refuses rather than change the model silently")
 
 
 def convert_peft(path: str | Path, base: BaseModel, task: TaskSpec, *, head: Head | None = None,
@@ -111,20 +125,31 @@ def convert_peft(path: str | Path, base: BaseModel, task: TaskSpec, *, head: Hea
     modules = sorted({k.rsplit(".lora_A", 1)[0] for k in sd if ".lora_A" in k})
     if not modules:
         raise AdapterFormatError(f"no lora_A tensors in {weights}")
+    used: set[str] = set()
     for module in modules:
-        a = sd[next(k for k in sd if k.startswith(module + ".lora_A"))].float()
-        b = sd[next(k for k in sd if k.startswith(module + ".lora_B"))].float()
+        a_key = next(k for k in sd if k.startswith(module + ".lora_A"))
+        b_key = next(k for k in sd if k.startswith(module + ".lora_B") and not k.endswith(".bias"))
+        e_key = next((k for k in sd if k.startswith(module + ".lora_E")), None)
+        used.update(k for k in (a_key, b_key, e_key) if k)
+        a, b = sd[a_key].float(), sd[b_key].float()
         r = a.shape[0]
+        if r == 0:  # AdaLoRA can prune a matrix to rank 0: no update there
+            report.notes.append(f"'{module}' has rank 0 (pruned): no update")
+            continue
         m_block, leaf = _BLOCK.search(module), module.rsplit(".", 1)[-1]
         target = _TARGETS.get(leaf)
         if m_block is None or target is None:
             raise AdapterFormatError(f"PEFT module '{module}' is not an attention q/v/qkv projection of a block")
         i = int(m_block.group(1))
         if kind == "ADALORA":
-            e = sd[next(k for k in sd if k.startswith(module + ".lora_E"))].float().reshape(r, 1)
-            a = a * e  # lora_A * lora_E, as AdaLoRA computes it
-            scaling = float(config.get("lora_alpha", 0)) or float(r)  # AdaLoRA: alpha itself, not alpha / r
-            scale = scaling / (float(r) + 1e-5)  # divided by ranknum (= the stored rank), as AdaLoRA does
+            if e_key is None:
+                raise AdapterFormatError(f"AdaLoRA module '{module}' has no lora_E tensor")
+            a = a * sd[e_key].float().reshape(r, 1)  # lora_A * lora_E, as AdaLoRA computes it
+            init_r = float(config.get("init_r") or r)
+            alpha = float(config.get("lora_alpha", 0))
+            scaling = alpha if alpha > 0 else float(r)  # AdaLoRA: alpha itself (not alpha / r), else the rank
+            # divided by ranknum, which PEFT keeps at init_r even when rank_pattern pruned the stored rank
+            scale = scaling / (init_r + 1e-5)
         else:
             alpha = _alpha_for(module, config)
             scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
@@ -148,7 +173,11 @@ def convert_peft(path: str | Path, base: BaseModel, task: TaskSpec, *, head: Hea
         else:
             per_block[(i, target)] = lowrank_to_svd(b, a, scale)
             report.matrices += 1
-    head = head or _peft_head(sd)
+    stored_head = _peft_head(sd)
+    if stored_head is not None:
+        used.update(k for k in sd if re.search(r"(?:^|\.)head(?:\.modules_to_save(?:\.[^.]+)?)?\.(?:weight|bias)$", k))
+    _refuse_unsupported(config, sd, used)
+    head = head or stored_head
     if head is None:
         raise BadInputError("the PEFT adapter carries no classification head: pass --head FILE "
                             "(safetensors with 'weight' [classes, d] and 'bias' [classes])")
