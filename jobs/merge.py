@@ -8,8 +8,10 @@ value mass kept. A report (JSON + PNG of the spectra and kept ranks per layer) g
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,14 +38,18 @@ _DISPATCH = {
 def check_sources(sources: list[Adapter], labels: list[str]) -> None:
     if not sources:
         raise BadInputError("merge needs at least one source adapter")
-    ref = sources[0]
-    for ad, label in zip(sources[1:], labels[1:]):
+    # The base most sources share is the reference, so the odd one out is named even when it comes first
+    # (Counter.most_common keeps first-seen order on ties: with two sources, the second is the odd one).
+    keys = [(ad.base.model, ad.base.fingerprint) for ad in sources]
+    ref_i = keys.index(Counter(keys).most_common(1)[0][0])
+    ref, ref_label = sources[ref_i], labels[ref_i]
+    for ad, label in zip(sources, labels):
         if ad.base.fingerprint != ref.base.fingerprint or ad.base.model != ref.base.model:
             raise IncompatibleAdapterError(
                 f"source '{label}' was made for base {ad.base.model} ({ad.base.fingerprint[:12]}…), but "
-                f"'{labels[0]}' for {ref.base.model} ({ref.base.fingerprint[:12]}…): all sources must share one base")
+                f"'{ref_label}' for {ref.base.model} ({ref.base.fingerprint[:12]}…): all sources must share one base")
         if ad.preprocess != ref.preprocess:
-            raise BadInputError(f"source '{label}' preprocesses differently from '{labels[0]}' "
+            raise BadInputError(f"source '{label}' preprocesses differently from '{ref_label}' "
                                 f"({ad.preprocess.to_json()} vs {ref.preprocess.to_json()})")
 
 
@@ -80,6 +86,9 @@ def merge_adapters(sources: list[Adapter], method: str, params: dict | None = No
         if key in params and len(params[key]) != len(sources):
             raise BadInputError(f"{key} has {len(params[key])} values for {len(sources)} sources")
     tasks, heads = merged_tasks(sources, labels, task_names)
+    # Provenance records every parameter, defaults included (None = equal weights / no cap / the method's rule).
+    defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items() if k in accepted}
+    recorded = {**defaults, **params}
     t0 = time.perf_counter()
     q, v, per_matrix = [], [], {}
     for i in range(sources[0].depth):
@@ -90,7 +99,7 @@ def merge_adapters(sources: list[Adapter], method: str, params: dict | None = No
                                                  "spectrum": [round(x, 6) for x in res.spectrum[:64]]}
     seconds = time.perf_counter() - t0
     provenance = {
-        "kind": "merged", "method": method, "parameters": params,
+        "kind": "merged", "method": method, "parameters": recorded,
         "sources": [{**{k: s.get(k) for k in ("ref", "name", "version", "sha256", "path") if s.get(k) is not None},
                      "tasks": [t.name for t in ad.tasks]} for s, ad in zip(info, sources)],
         "matrices": {k: {"rank": m["rank"], "kept_share": m["kept_share"]} for k, m in per_matrix.items()},
@@ -98,7 +107,7 @@ def merge_adapters(sources: list[Adapter], method: str, params: dict | None = No
     }
     adapter = Adapter(base=sources[0].base, tasks=tasks, preprocess=sources[0].preprocess, q=tuple(q), v=tuple(v),
                       heads=heads, provenance=provenance, created=utc_now())
-    report = {"method": method, "parameters": params, "sources": provenance["sources"], "seconds": seconds,
+    report = {"method": method, "parameters": recorded, "sources": provenance["sources"], "seconds": seconds,
               "matrices": per_matrix, "max_rank": adapter.max_rank, "lora_params": adapter.lora_params}
     return adapter, report
 

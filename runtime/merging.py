@@ -201,10 +201,11 @@ def iso_c(sources, alpha: float = 1.0, max_rank=None) -> MatrixResult:
     u, s, vh = factor_svd([m.B.to(FLOAT) * m.E.to(FLOAT) for m in sources], [m.A for m in sources])
     if float(s[0]) == 0:
         return MatrixResult(_zero(u.shape[0], vh.shape[1]), 1, 1.0, s.tolist())
-    r = int((s > s[0] * 1e-7).sum())
-    r = min(r, max_rank) if max_rank else r
-    flat = torch.full((r,), alpha * float(s[:int((s > s[0] * 1e-7).sum())].mean()), dtype=FLOAT)
-    return MatrixResult(_lowrank(u[:, :r], flat, vh[:r]), r, 1.0, s.tolist())
+    nonzero = int((s > s[0] * 1e-7).sum())
+    r = min(nonzero, max_rank) if max_rank else nonzero
+    flat = torch.full((r,), alpha * float(s[:nonzero].mean()), dtype=FLOAT)
+    # the flattened spectrum has equal values: a cut at r keeps r / nonzero of its mass
+    return MatrixResult(_lowrank(u[:, :r], flat, vh[:r]), r, r / nonzero, s.tolist())
 
 
 def _orthogonalise(m: torch.Tensor) -> torch.Tensor:
@@ -232,7 +233,8 @@ def tsv(sources, keep: float | None = None, alpha: float = 1.0, max_rank=None) -
     k = min(len(s), max_rank) if max_rank else len(s)
     order = order[:k]
     share = float(s[order].sum() / s.sum()) if s.sum() > 0 else 1.0
-    return MatrixResult(_lowrank(u_perp[:, order], alpha * s[order], v_perp[:, order].T), k, share, s.tolist())
+    spectrum = torch.sort(s, descending=True).values.tolist()  # the report plots spectra in descending order
+    return MatrixResult(_lowrank(u_perp[:, order], alpha * s[order], v_perp[:, order].T), k, share, spectrum)
 
 
 METHODS = ("med-lego", "lora-avg", "delta-avg", "task-arithmetic", "ties", "dare", "magnitude-prune", "pem",

@@ -98,3 +98,21 @@ def test_predict_refuses_adapter_of_another_base(tmp_path, other_base_file, make
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(png)
     r = _run("predict", "--model", "vit_tiny_patch16_224", "--weights", str(other_base_file), "--adapter", str(apath), str(png))
     assert r.returncode == 2 and "resident base" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_count_for_vit_base_r4(tmp_path, capsys):
+    """The issue's check: vit_base_patch16_224, r=4 on Q and V -> 147,456 + 96 LoRA parameters, ~0.17 %."""
+    from medlego.runtime.adapter import BaseSpec, Preprocess
+    from medlego.runtime.synthetic import random_adapter
+
+    spec = BaseSpec("vit_base_patch16_224", "ab" * 32, 768, 12)  # no vit_base weights needed
+    ad = random_adapter(spec, Preprocess(224, (0.5,) * 3, (0.5,) * 3), rank=4, seed=0)
+    path = tmp_path / "base_r4.safetensors"
+    save_adapter(ad, path)
+    assert main(["inspect", str(path), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["lora_params"] - s["lora_params_E"] == 147_456 and s["lora_params_E"] == 96
+    assert s["base_params"] == 85_798_656  # timm vit_base_patch16_224 without its classifier
+    assert round(100 * s["lora_share_of_base"], 2) == 0.17
+    assert main(["inspect", str(path)]) == 0
+    assert "0.172% of the base's 85,798,656 parameters" in capsys.readouterr().out

@@ -83,6 +83,7 @@ def test_dense_baselines_match_their_formulas():
     r = int((s > s[0] * 1e-7).sum())
     iso = 0.7 * s[:r].mean() * u[:, :r] @ vh[:r]
     assert torch.allclose(d(merging.iso_c(srcs, alpha=0.7)), iso, atol=1e-6)
+    assert merging.iso_c(srcs, max_rank=3).kept_share == pytest.approx(3 / r)  # equal values: 3 of r kept
     # tsv: each task keeps ceil(r/3) directions (ranks 2, 3, 4 -> 1 + 1 + 2), merged bases orthonormal
     t = merging.tsv(srcs)
     assert t.rank == 4
@@ -125,7 +126,9 @@ def test_merge_job_heads_provenance_and_refusals(tmp_path, make_adapter, tiny_ba
     assert merged.task_names == ["blood", "derma"]
     assert torch.equal(merged.heads["derma"].weight, b.heads["derma"].weight)
     prov = merged.provenance
-    assert prov["method"] == "med-lego" and prov["parameters"] == {"threshold": 0.997}
+    assert prov["method"] == "med-lego" and prov["parameters"] == {"threshold": 0.997, "weights": None, "max_rank": None}
+    _, dare_report = merge_adapters([a, b], "dare", {"drop": 0.3})  # defaults are recorded too (reproducibility)
+    assert dare_report["parameters"] == {"drop": 0.3, "seed": 0, "weights": None, "max_rank": None}
     assert [s["sha256"] for s in prov["sources"]] == ["1" * 64, "2" * 64]
     assert set(prov["matrices"]["blocks.0.q"]) == {"rank", "kept_share"} and prov["matrices"]["blocks.0.q"]["rank"] <= 8
     with pytest.raises(BadInputError, match="task 'blood' appears in 'source0' and 'source2'"):
@@ -136,6 +139,8 @@ def test_merge_job_heads_provenance_and_refusals(tmp_path, make_adapter, tiny_ba
     foreign = random_adapter(other.spec, other.preprocess, seed=9)
     with pytest.raises(IncompatibleAdapterError, match="source 'odd' was made for base"):
         merge_adapters([a, foreign], "med-lego", source_info=[{"ref": "a"}, {"ref": "odd"}])
+    with pytest.raises(IncompatibleAdapterError, match="source 'odd' was made for base .* but 'b' for"):  # odd one first
+        merge_adapters([foreign, b, a], "med-lego", source_info=[{"ref": "odd"}, {"ref": "b"}, {"ref": "a"}])
     with pytest.raises(BadInputError, match="takes"):
         merge_adapters([a, b], "magmax", {"density": 0.3})
 
