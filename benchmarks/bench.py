@@ -27,10 +27,11 @@ import torch
 
 from medlego.runtime.adapter import BaseSpec, Preprocess, TaskSpec
 from medlego.runtime.base import BaseModel, init_weights_file, load_base
-from medlego.runtime.engine import Engine, EngineConfig
+from medlego.runtime.config import EngineConfig
+from medlego.runtime.engine import Engine
 from medlego.runtime.model import pooled_features
 from medlego.runtime.registry import Registry
-from medlego.runtime.synthetic import random_adapter
+from medlego.jobs.synthetic import random_adapter
 
 from . import merge_speed
 from .baselines import SwitchPerRequest, peft_model
@@ -158,17 +159,17 @@ def cold_load_section(cfg, workdir: Path, prog) -> dict:
     reg = Registry(workdir / "coldload")
     n = cfg.load_repeats
     entries = [reg.register(f"c{i}", random_adapter(spec, pp, rank=cfg.rank, seed=1000 + i).to_bytes()) for i in range(n)]
-    pool = AdapterPool(reg, depth=depth, dim=d, slots=4, max_rank=max(cfg.rank, 4), host_capacity=n + 1, device=cfg.device)
+    pool = AdapterPool(spec, slots=4, max_rank=max(cfg.rank, 4), host_capacity=n + 1, device=cfg.device)
     disk, host, hit = [], [], []
     for e in entries:
         t0 = time.perf_counter()
-        h = pool.host(e)
+        h = pool.host(e.sha256, lambda: reg.read_bytes(e))  # noqa: B023 (called at once)
         t1 = time.perf_counter()
-        pool.acquire([h])
+        pool.acquire([(h, False)])
         if cfg.device.startswith("cuda"):
             torch.cuda.synchronize()
         t2 = time.perf_counter()
-        pool.acquire([h])
+        pool.acquire([(h, False)])
         t3 = time.perf_counter()
         disk.append(t1 - t0)
         host.append(t2 - t1)
@@ -199,7 +200,7 @@ def scale_section(cfg, base, workdir: Path, prog) -> dict:
         reg.register(f"s{i}", ad.to_bytes())
     prog.step("scale: registered")
     engine = Engine(base, reg, EngineConfig(device=cfg.device, slots=cfg.scale_resident, max_rank=max(cfg.rank, 4),
-                                            host_capacity=cfg.scale_registered + 1, max_batch=cfg.scale_batch))
+                                            host_capacity=cfg.scale_registered + 1, max_pass_images=cfg.scale_batch))
     rng = random.Random(0)
     s = base.input_size
     x = torch.randn(cfg.scale_batch, 3, s, s).to(cfg.device, engine.dtype)
@@ -248,7 +249,7 @@ def http_section(cfg, prog) -> dict:
 
 
 def run_bench(cfg: BenchConfig) -> dict:
-    from medlego.jobs.merge import merge_adapters
+    from medlego.runtime.adapter_merge import merge_adapters
 
     steps = len(cfg.batch_sizes) * 6 + 4 + (1 if cfg.http else 0)
     prog = Progress(cfg.progress, steps)
@@ -263,7 +264,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         reg.register("merged", merged.to_bytes())
         max_rank = max(16, merged.max_rank)
         engine = Engine(base, reg, EngineConfig(device=cfg.device, slots=max(cfg.distinct, 8) + 1, max_rank=max_rank,
-                                                max_batch=max(cfg.batch_sizes)))
+                                                max_pass_images=max(cfg.batch_sizes)))
         engine.warmup()
         prog.step("setup")
         results = {
@@ -344,23 +345,27 @@ def to_markdown(r: dict) -> str:
               "| --- | ---: | ---: |"]
     for k in ("disk_to_host", "host_to_device", "device_hit", "cold_to_ready"):
         lines.append(f"| {k.replace('_', ' ')} | {cl[k]['p50_ms']:.3f} | {cl[k]['p99_ms']:.3f} |")
-    mem = r["memory"]
-    lines += ["", "## Pool memory", "",
-              f"{mem['bytes_per_slot']:,} bytes per device slot ({mem['dtype']}, pool rank {mem['pool_max_rank']}); "
-              f"{mem['bytes_per_rank4_adapter_packed_exactly']:,} bytes for an r={r['config']['rank']} adapter at its own rank. "
-              f"In {r['config']['memory_budget_gib']} GiB: {mem['adapters_in_budget_at_pool_rank']:,} adapters at the pool's rank, "
-              f"{mem['adapters_in_budget_at_rank4']:,} at r={r['config']['rank']}."]
-    sc = r["scale"]
-    lines += ["", "## Scale", "",
-              f"{sc['registered']} registered, {sc['resident_slots']} device slots, batch {sc['batch']} drawn uniformly: "
-              f"{sc['uniform_images_per_s']:.1f} images/s vs {sc['one_adapter_images_per_s']:.1f} with one adapter "
-              f"(**{sc['ratio']:.3f}×**); first touch of all adapters (disk → host) {sc['first_touch_all_s']:.2f} s; "
-              f"{int(sc['device_evictions'])} device evictions."]
-    lines += ["", "## Merge", "", merge_speed.to_markdown(r["merge"])]
+    mem, sc = r["memory"], r["scale"]
+    rank = r["config"]["rank"]
+    sections = [
+        ("Pool memory",
+         f"{mem['bytes_per_slot']:,} bytes per device slot ({mem['dtype']}, pool rank {mem['pool_max_rank']}); "
+         f"{mem['bytes_per_rank4_adapter_packed_exactly']:,} bytes for an r={rank} adapter at its own rank. "
+         f"In {r['config']['memory_budget_gib']} GiB: {mem['adapters_in_budget_at_pool_rank']:,} adapters at the "
+         f"pool's rank, {mem['adapters_in_budget_at_rank4']:,} at r={rank}."),
+        ("Scale",
+         f"{sc['registered']} registered, {sc['resident_slots']} device slots, batch {sc['batch']} drawn uniformly: "
+         f"{sc['uniform_images_per_s']:.1f} images/s vs {sc['one_adapter_images_per_s']:.1f} with one adapter "
+         f"(**{sc['ratio']:.3f}×**); first touch of all adapters (disk → host) {sc['first_touch_all_s']:.2f} s; "
+         f"{int(sc['device_evictions'])} device evictions."),
+        ("Merge", merge_speed.to_markdown(r["merge"])),
+    ]
     if "http" in r:
         h = r["http"]
-        lines += ["", "## End-to-end HTTP", "", f"{h['requests']} requests to {h['url']} ({h['adapter']}): "
-                  f"p50 {h['p50_ms']:.1f} ms, p99 {h['p99_ms']:.1f} ms, {h['errors']} errors."]
+        sections.append(("End-to-end HTTP", f"{h['requests']} requests to {h['url']} ({h['adapter']}): "
+                         f"p50 {h['p50_ms']:.1f} ms, p99 {h['p99_ms']:.1f} ms, {h['errors']} errors."))
+    for title, text in sections:
+        lines += ["", f"## {title}", "", text]
     return "\n".join(lines) + "\n"
 
 

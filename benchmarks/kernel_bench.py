@@ -117,72 +117,70 @@ def _shape_inputs(d, n, tokens, dtype, device):
     return x, w, bias
 
 
-def kernel_rows(dims, batches, mixes, tokens, dtype, device, slots=256, pool_rank=16, rank=4) -> list[dict]:
-    import torch
+def _shapes(dims, batches, tokens, dtype, device, slots, pool_rank, rank):
+    """Per (D, images): the adapter bank, the inputs and the time of the plain projection."""
     import torch.nn.functional as F
 
+    for d in dims:
+        bank = make_bank(slots, pool_rank, rank, d, device, dtype)
+        for n in batches:
+            x, w, bias = _shape_inputs(d, n, tokens, dtype, device)
+            yield d, n, bank, (x, w, bias), _bench(lambda: F.linear(x, w, bias), device)  # noqa: B023 (called at once)
+
+
+def kernel_rows(dims, batches, mixes, tokens, dtype, device, slots=256, pool_rank=16, rank=4) -> list[dict]:
     from medlego.kernels.plan import BatchPlan
     from medlego.kernels.qkv_lora_triton import qkv_lora_triton
     from medlego.kernels.reference import qkv_lora_reference
 
     rows = []
-    for d in dims:
-        a, e, b = make_bank(slots, pool_rank, rank, d, device, dtype)
-        for n in batches:
-            x, w, bias = _shape_inputs(d, n, tokens, dtype, device)
-            t_lin = _bench(lambda: F.linear(x, w, bias), device)
-            for mix in mixes:
-                # max_rank = the batch's real rank, as the engine passes it (work above it is skipped)
-                plan = BatchPlan.build(mix_slots(mix, n, slots), device=device, max_rank=rank)
-                exact = qkv_lora_reference(*[v.float() for v in (x, w, bias, a, e, b)], plan)
-                fused_err = _rel_err(qkv_lora_triton(x, w, bias, a, e, b, plan), exact)
-                unfused_err = _rel_err(qkv_lora_reference(x, w, bias, a, e, b, plan), exact)
-                del exact
-                t_fused = _bench(lambda: qkv_lora_triton(x, w, bias, a, e, b, plan), device)
-                t_unfused = _bench(lambda: qkv_lora_reference(x, w, bias, a, e, b, plan), device)
-                row = {"dim": d, "images": n, "tokens": tokens, "adapters": mix, "linear_ms": 1e3 * t_lin,
-                       "fused_ms": 1e3 * t_fused, "unfused_ms": 1e3 * t_unfused, "fused_over_linear": t_fused / t_lin,
-                       "unfused_over_fused": t_unfused / t_fused, "max_rel_err": fused_err, "unfused_max_rel_err": unfused_err}
-                if mix in GOAL_MIXES:
-                    row["goal_met"] = (row["fused_over_linear"] <= GOAL_FUSED_OVER_LINEAR
-                                       and row["unfused_over_fused"] >= GOAL_UNFUSED_OVER_FUSED)
-                rows.append(row)
+    for d, n, (a, e, b), (x, w, bias), t_lin in _shapes(dims, batches, tokens, dtype, device, slots, pool_rank, rank):
+        for mix in mixes:
+            # max_rank = the batch's real rank, as the engine passes it (work above it is skipped)
+            plan = BatchPlan.build(mix_slots(mix, n, slots), device=device, max_rank=rank)
+            exact = qkv_lora_reference(*[v.float() for v in (x, w, bias, a, e, b)], plan)
+            fused_err = _rel_err(qkv_lora_triton(x, w, bias, a, e, b, plan), exact)
+            unfused_err = _rel_err(qkv_lora_reference(x, w, bias, a, e, b, plan), exact)
+            del exact
+            t_fused = _bench(lambda: qkv_lora_triton(x, w, bias, a, e, b, plan), device)
+            t_unfused = _bench(lambda: qkv_lora_reference(x, w, bias, a, e, b, plan), device)
+            row = {"dim": d, "images": n, "tokens": tokens, "adapters": mix, "linear_ms": 1e3 * t_lin,
+                   "fused_ms": 1e3 * t_fused, "unfused_ms": 1e3 * t_unfused, "fused_over_linear": t_fused / t_lin,
+                   "unfused_over_fused": t_unfused / t_fused, "max_rel_err": fused_err, "unfused_max_rel_err": unfused_err}
+            if mix in GOAL_MIXES:
+                row["goal_met"] = (row["fused_over_linear"] <= GOAL_FUSED_OVER_LINEAR
+                                   and row["unfused_over_fused"] >= GOAL_UNFUSED_OVER_FUSED)
+            rows.append(row)
     return rows
 
 
 def sweep_rows(dims, batches, tokens, dtype, device, configs, slots=256, pool_rank=16, rank=4) -> list[dict]:
     """All-distinct adapters under each tile config; one row per (shape, config)."""
-    import torch.nn.functional as F
-
     from medlego.kernels import qkv_lora_triton as mod
     from medlego.kernels.plan import BatchPlan
     from medlego.kernels.reference import qkv_lora_reference
 
     rows = []
-    for d in dims:
-        a, e, b = make_bank(slots, pool_rank, rank, d, device, dtype)
-        for n in batches:
-            x, w, bias = _shape_inputs(d, n, tokens, dtype, device)
-            plan = BatchPlan.build(mix_slots("distinct", n, slots), device=device, max_rank=rank)
-            exact = qkv_lora_reference(*[v.float() for v in (x, w, bias, a, e, b)], plan)
-            t_lin = _bench(lambda: F.linear(x, w, bias), device)
-            table = mod.pick_config(d, tokens, dtype, x.device)
-            table = (table["BLOCK_M"], table["BLOCK_N"], table["BLOCK_K"], table["num_warps"], table["num_stages"])
-            for cfg in configs:
-                row = {"dim": d, "images": n, "config": list(cfg), "is_table_choice": tuple(cfg) == table}
-                if d % cfg[1]:
-                    rows.append({**row, "error": f"BLOCK_N {cfg[1]} does not divide D={d}"})
-                    continue
-                try:
-                    with forced_config(cfg):
-                        err = _rel_err(mod.qkv_lora_triton(x, w, bias, a, e, b, plan), exact)
-                        t = _bench(lambda: mod.qkv_lora_triton(x, w, bias, a, e, b, plan), device)
-                except Exception as ex:  # e.g. out of shared memory for this tile on this GPU
-                    rows.append({**row, "error": f"{type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}"})
-                    continue
-                rows.append({**row, "fused_ms": 1e3 * t, "linear_ms": 1e3 * t_lin, "fused_over_linear": t / t_lin,
-                             "max_rel_err": err})
-            del exact
+    for d, n, (a, e, b), (x, w, bias), t_lin in _shapes(dims, batches, tokens, dtype, device, slots, pool_rank, rank):
+        plan = BatchPlan.build(mix_slots("distinct", n, slots), device=device, max_rank=rank)
+        exact = qkv_lora_reference(*[v.float() for v in (x, w, bias, a, e, b)], plan)
+        table = mod.pick_config(d, tokens, dtype, x.device)
+        table = (table["BLOCK_M"], table["BLOCK_N"], table["BLOCK_K"], table["num_warps"], table["num_stages"])
+        for cfg in configs:
+            row = {"dim": d, "images": n, "config": list(cfg), "is_table_choice": tuple(cfg) == table}
+            if d % cfg[1]:
+                rows.append({**row, "error": f"BLOCK_N {cfg[1]} does not divide D={d}"})
+                continue
+            try:
+                with forced_config(cfg):
+                    err = _rel_err(mod.qkv_lora_triton(x, w, bias, a, e, b, plan), exact)
+                    t = _bench(lambda: mod.qkv_lora_triton(x, w, bias, a, e, b, plan), device)
+            except Exception as ex:  # e.g. out of shared memory for this tile on this GPU
+                rows.append({**row, "error": f"{type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}"})
+                continue
+            rows.append({**row, "fused_ms": 1e3 * t, "linear_ms": 1e3 * t_lin, "fused_over_linear": t / t_lin,
+                         "max_rel_err": err})
+        del exact
     return rows
 
 
@@ -195,18 +193,19 @@ def engine_rows(device: str, dtype_name: str, batch: int, model: str, mixes=GOAL
     from medlego.kernels.plan import BatchPlan
     from medlego.kernels.reference import qkv_lora_reference
     from medlego.runtime.base import init_weights_file, load_base
-    from medlego.runtime.engine import Engine, EngineConfig
+    from medlego.runtime.config import EngineConfig
+    from medlego.runtime.engine import Engine
     from medlego.runtime.lora import PackedSource
     from medlego.runtime.model import pooled_features
     from medlego.runtime.registry import Registry
-    from medlego.runtime.synthetic import random_adapter
+    from medlego.jobs.synthetic import random_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
         base = load_base(model, init_weights_file(model, 0, Path(tmp) / "b.safetensors", img_size=img_size))
         reg = Registry(Path(tmp) / "r")
         for i in range(batch):
             reg.register(f"a{i}", random_adapter(base.spec, base.preprocess, seed=i).to_bytes())
-        eng = Engine(base, reg, EngineConfig(device=device, dtype=dtype_name, slots=batch + 1, max_batch=batch))
+        eng = Engine(base, reg, EngineConfig(device=device, dtype=dtype_name, slots=batch + 1, max_pass_images=batch))
         if hasattr(eng, "warmup"):
             eng.warmup()
         kernel = eng.qkv_fn
@@ -228,9 +227,9 @@ def engine_rows(device: str, dtype_name: str, batch: int, model: str, mixes=GOAL
                    "engine_infer_ms": 1e3 * t_infer, "engine_over_base": t_base / t_run, "infer_over_base": t_base / t_infer}
             # The adapted trunk alone (no heads, no Python per request): the kernel's share of the gap.
             hosts = list({r.adapter.sha256: r.adapter.host for r in reqs}.values())
-            slot_of = dict(zip((h.entry.sha256 for h in hosts), eng.pool.acquire(hosts)))
+            slot_of = dict(zip((h.sha256 for h in hosts), eng.pool.acquire([(h, False) for h in hosts])))
             plan = BatchPlan.build([slot_of[r.adapter.sha256] for r in reqs], device=device,
-                                   max_rank=max(h.e.shape[-1] for h in hosts))
+                                   max_rank=max(h.rank for h in hosts))
 
             def trunk(fn):
                 src = PackedSource(eng.pool.lora_a, eng.pool.lora_e, eng.pool.lora_b, plan, fn)

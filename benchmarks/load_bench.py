@@ -113,8 +113,8 @@ def build_world(args, work: Path):
 
     from medlego.runtime.base import init_weights_file, load_base
     from medlego.runtime.registry import Registry
-    from medlego.runtime.synthetic import random_adapter
-    from medlego.serving.sample_images import encode_png, random_image
+    from medlego.jobs.synthetic import random_adapter
+    from medlego.jobs.synthetic import encode_png, random_image
 
     weights = init_weights_file(args.model, 0, work / "base.safetensors", img_size=args.img_size)
     base = load_base(args.model, weights)
@@ -250,10 +250,12 @@ def measured_rounds(label: str, url: str, args, plan, light_plan, images_dir, ex
 
 def run_embedded(args, weights, data, images_dir, names, plans, expected, reference, work):
     from medlego.runtime.base import load_base
-    from medlego.runtime.engine import Engine, EngineConfig
+    from medlego.runtime.config import EngineConfig
+    from medlego.runtime.engine import Engine
     from medlego.runtime.registry import Registry
     from medlego.serving.server import EmbeddedServer
-    from medlego.serving.service import BatchingConfig, DiagnosisService
+    from medlego.runtime.config import BatchingConfig
+    from medlego.serving.service import DiagnosisService
 
     base = load_base(args.model, weights)
     engine = Engine(base, Registry(data, base=base.spec, input_size=base.input_size), EngineConfig(slots=64))
@@ -278,11 +280,12 @@ def run_embedded(args, weights, data, images_dir, names, plans, expected, refere
 
 
 def run_ray(args, weights, data, images_dir, names, plans, expected, reference, work):
-    from medlego.serving.config import ServeConfig
+    from medlego.runtime.config import ServeConfig
     from medlego.serving.ray_app import start_local, stop_local
 
-    cfg = ServeConfig(model=args.model, weights=str(weights), data_dir=str(data), host="127.0.0.1", port=_free_port(),
-                      grpc_port=_free_port())
+    cfg = ServeConfig()
+    cfg.base.model, cfg.base.weights, cfg.server.data_dir = args.model, str(weights), str(data)
+    cfg.server.host, cfg.server.port, cfg.server.grpc_port = "127.0.0.1", _free_port(), _free_port()
     cfg.engine.slots = 64
     cfg.batching.max_batch, cfg.batching.max_wait_ms = args.max_batch, args.max_wait_ms
     cpus = os.cpu_count() or 2
@@ -293,7 +296,7 @@ def run_ray(args, weights, data, images_dir, names, plans, expected, reference, 
     try:
         start_local(cfg, replicas=args.replicas, num_cpus=cpus, replica_cpus=cpus / args.replicas,
                     torch_threads=max(1, cpus // args.replicas), grpc=False)
-        url = f"http://127.0.0.1:{cfg.port}"
+        url = f"http://127.0.0.1:{cfg.server.port}"
         _warm(url, names, images_dir)
         rounds, light = measured_rounds(label, url, args, plans[0], plans[1], images_dir, expected[0], expected[1],
                                         None, work)

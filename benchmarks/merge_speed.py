@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from medlego.runtime import merging
-from medlego.runtime.synthetic import random_lowrank
+from medlego.jobs.synthetic import random_lowrank
 
 from .common import hardware, write_json
 

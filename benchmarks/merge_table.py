@@ -19,8 +19,8 @@ from pathlib import Path
 
 from medlego.jobs.datasets import load_dataset
 from medlego.jobs.evaluate import evaluate_adapter
-from medlego.jobs.merge import merge_adapters
-from medlego.jobs.synthetic_data import make_synthetic_medmnist
+from medlego.runtime.adapter_merge import merge_adapters
+from medlego.jobs.synthetic import make_synthetic_medmnist
 from medlego.jobs.train import TrainConfig, train_adapter
 from medlego.runtime.base import init_weights_file, load_base
 from medlego.runtime.merging import METHODS

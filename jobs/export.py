@@ -21,12 +21,8 @@ from torch import nn
 
 from medlego.runtime.adapter import Adapter
 from medlego.runtime.base import BaseModel
-from medlego.runtime.errors import BadInputError, MedlegoError
+from medlego.runtime.errors import BadInputError, ExportError
 from medlego.runtime.model import AdaptedViT, adapter_logits, fold_adapter
-
-
-class ExportError(MedlegoError):
-    status = 422
 
 
 class _OneTask(nn.Module):

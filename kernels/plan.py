@@ -11,14 +11,12 @@ import torch
 class BatchPlan:
     """Which pool slot each image of the batch uses (−1 = no adapter).
 
-    The sorted order and per-slot segments are what an SGMV-style kernel wants (adapter-uniform
-    tiles over a token matrix sorted by slot); the reference only needs ``image_slots``.
+    The sorted order is what an SGMV-style kernel wants (neighbouring tiles share one adapter's
+    factors in cache); the reference only needs ``image_slots``.
     """
 
     image_slots: torch.Tensor  # [N] int32, on the device of the activations
     order: torch.Tensor  # [N] int64: images sorted by slot (stable)
-    segment_slots: torch.Tensor  # [G] int32: the distinct slots, ascending (−1 included if present)
-    segment_starts: torch.Tensor  # [G + 1] int32: offsets into `order`
     num_active: int  # images with a slot >= 0
     max_rank: int  # the largest real adapter rank in this batch (0: use the bank's whole R)
 
@@ -38,15 +36,10 @@ class BatchPlan:
     def build(image_slots, *, device: torch.device | str | None = None, max_rank: int = 0) -> "BatchPlan":
         slots = torch.as_tensor(image_slots, dtype=torch.int64).flatten().cpu()
         order = torch.argsort(slots, stable=True)
-        uniq, counts = torch.unique_consecutive(slots[order], return_counts=True)
-        starts = torch.zeros(len(counts) + 1, dtype=torch.int64)
-        starts[1:] = torch.cumsum(counts, 0)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         return BatchPlan(
             image_slots=slots.to(device=dev, dtype=torch.int32),
             order=order.to(dev),
-            segment_slots=uniq.to(device=dev, dtype=torch.int32),
-            segment_starts=starts.to(device=dev, dtype=torch.int32),
             num_active=int((slots >= 0).sum()),
             max_rank=int(max_rank),
         )

@@ -271,6 +271,8 @@ def read_header(data: bytes) -> dict:
         header = json.loads(data[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFormatError(f"not a safetensors file: header is not JSON ({e.msg if hasattr(e, 'msg') else e})")
+    except (RecursionError, ValueError):  # nested beyond the parser's depth, or an integer of thousands of digits
+        raise AdapterFormatError("not a safetensors file: header JSON is nested too deeply or holds oversized numbers") from None
     if not isinstance(header, dict):
         raise AdapterFormatError("not a safetensors file: header is not a JSON object")
     return header
@@ -298,8 +300,8 @@ def parse_adapter(data: bytes, *, expected_base: BaseSpec | None = None,
 def _json_field(metadata: Mapping[str, str], key: str):
     try:
         return json.loads(metadata[key])
-    except (TypeError, json.JSONDecodeError):
-        raise AdapterFormatError(f"metadata '{key}' is not valid JSON") from None
+    except (TypeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError; so are 5000-digit numbers
+        raise AdapterFormatError(f"metadata '{key}' is not valid JSON (or is nested too deeply)") from None
 
 
 def _need(cond: bool, message: str) -> None:

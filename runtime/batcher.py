@@ -7,7 +7,7 @@ the engine as one mixed-adapter batch. Each caller waits on its own future; a ca
 dropped before the batch runs and never breaks it; a request that fails alone fails alone.
 A full queue refuses at once with :class:`OverloadedError` instead of growing memory.
 
-Usable from asyncio (``await submit(...)``) and from threads (``submit_future`` / ``submit_sync``).
+Usable from asyncio (``await submit(...)``) and from threads (``submit_future``).
 """
 
 from __future__ import annotations
@@ -63,9 +63,6 @@ class DynamicBatcher:
                       top_k: int | None = None) -> cf.Future:
         """Resolve + validate in the caller's thread (raises its own error), then queue."""
         return self.submit_request(self.engine.request(image, adapter_ref, task, top_k))
-
-    def submit_sync(self, image, adapter_ref, task=None, top_k=None, timeout: float | None = None) -> Diagnosis:
-        return self.submit_future(image, adapter_ref, task, top_k).result(timeout)
 
     async def submit(self, image, adapter_ref, task=None, top_k=None) -> Diagnosis:
         loop = asyncio.get_running_loop()

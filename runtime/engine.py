@@ -5,10 +5,15 @@ adapter adds its low-rank Q/V terms inside every block (through the pool's packe
 :class:`BatchPlan` shared by all layers), and each image's task head is applied to its pooled
 features. An image with no adapter (ref None) gets the base's pooled features as its
 ``embedding`` and no probabilities: without an adapter there is no task head.
+
+The engine is the only thing that touches the pool. What the servers need of residency, it
+offers as operations: :meth:`pin`, :meth:`unpin`, :meth:`forget`, and :meth:`check_adapter`
+(the numeric probe run before a registration writes anything).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -16,44 +21,40 @@ import torch
 
 from medlego.kernels import BatchPlan, get_qkv_impl, qkv_lora_reference
 
-from .adapter import Preprocess, TaskSpec
+from .adapter import Adapter, Preprocess, TaskSpec, check_compatible
 from .base import BaseModel
+from .config import EngineConfig
 from .counters import Counters
-from .errors import BadInputError, MedlegoError
-from .lora import PackedSource
+from .errors import AdapterFormatError, AdapterNumericError, BadInputError, ConflictError, MedlegoError
+from .lora import PackedSource, pack_adapter
 from .model import AdaptedViT
 from .pool import AdapterPool, HostAdapter
 from .registry import Entry, Registry
 
-
-@dataclass
-class EngineConfig:
-    device: str = "cpu"
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
-    kernel: str = "auto"  # "auto" (Triton on CUDA), "torch" (reference), "triton"
-    slots: int = 64  # device-tier capacity, in adapters
-    host_capacity: int = 1024  # host-tier capacity, in adapters
-    max_rank: int = 16  # the largest adapter rank the pool serves
-    max_batch: int = 64  # larger calls to infer() are split
-    top_k: int = 5
-
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype is None:
-            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}[self.dtype]
+PROBE_IMAGES = 4  # images of the registration probe (seeded noise in the normalised input space)
 
 
 @dataclass(frozen=True)
 class ResolvedAdapter:
-    """What a server needs before queueing a request: identity, tasks and preprocessing."""
+    """What a server needs before queueing a request: identity, pin flag, tasks and preprocessing."""
 
     name: str
     version: int
     sha256: str
-    tasks: tuple[TaskSpec, ...]
-    preprocess: Preprocess
+    pinned: bool
     host: HostAdapter = field(repr=False, compare=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def tasks(self) -> tuple[TaskSpec, ...]:
+        return self.host.adapter.tasks
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.host.adapter.preprocess
 
     def task(self, name: str | None) -> TaskSpec:
         return self.host.adapter.task(name)
@@ -83,58 +84,110 @@ class Diagnosis:
 
 @dataclass
 class Request:
-    """One image with its resolved adapter and task (the batcher builds these)."""
+    """One image with its resolved adapter and task (built by :meth:`Engine.request` only)."""
 
     image: torch.Tensor  # [3, S, S], already preprocessed
     adapter: ResolvedAdapter | None
     task: TaskSpec | None
-    top_k: int = 5
+    top_k: int
 
 
 class Engine:
     def __init__(self, base: BaseModel, registry: Registry, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         self.base = base
+        self.registry = registry
         self.device = torch.device(self.config.device)
         self.dtype = self.config.torch_dtype()
         self.counters = Counters()
-        if registry.base is None:
-            registry.base = base.spec
-        if registry.input_size is None:
-            registry.input_size = base.input_size
-        if registry.max_rank is None:
-            registry.max_rank = self.config.max_rank
-        self.registry = registry
         self.model = AdaptedViT(base)
         self.model.vit.to(self.device, self.dtype)
-        self.pool = AdapterPool(registry, depth=base.depth, dim=base.embed_dim, slots=self.config.slots,
-                                max_rank=self.config.max_rank, host_capacity=self.config.host_capacity,
-                                device=self.device, dtype=self.dtype, counters=self.counters)
+        self.pool = AdapterPool(base.spec, slots=self.config.slots, max_rank=self.config.max_rank,
+                                host_capacity=self.config.host_capacity, device=self.device, dtype=self.dtype,
+                                counters=self.counters)
         try:
             self.qkv_fn = get_qkv_impl(self.config.kernel, str(self.device))
         except ImportError:  # Triton missing or broken: the reference is always correct
             self.qkv_fn = qkv_lora_reference
+        # the adapted model has one active adapter source at a time: forwards are serialised
+        self._forward = threading.Lock()
         self.ready = False
 
-    # -- metadata -----------------------------------------------------------------------------
+    # -- adapters -----------------------------------------------------------------------------
     def resolve(self, ref: str) -> ResolvedAdapter:
-        """Name / name@version / alias → identity, tasks, preprocessing; loads it to host memory."""
+        """Name / name@version / alias → identity and pin flag (fresh from the registry), host copy loaded."""
         entry: Entry = self.registry.resolve(ref)
-        host = self.pool.host(entry)
-        a = host.adapter
-        return ResolvedAdapter(entry.name, entry.version, entry.sha256, a.tasks, a.preprocess, host)
+        host = self.pool.host(entry.sha256, lambda: self.registry.read_bytes(entry))
+        return ResolvedAdapter(entry.name, entry.version, entry.sha256, entry.pinned, host)
 
-    def request(self, image: torch.Tensor, ref: str | None, task: str | None = None, top_k: int | None = None) -> Request:
-        """Resolve and validate one request (raises its own error, before any batching)."""
+    def check_adapter(self, adapter: Adapter) -> None:
+        """Everything a registration must pass to be servable here: base, rank, input size, numerics."""
+        check_compatible(adapter.base, self.base.spec)
+        if adapter.max_rank > self.config.max_rank:
+            raise AdapterFormatError(f"adapter rank {adapter.max_rank} is above this server's maximum "
+                                     f"{self.config.max_rank}")
+        if adapter.preprocess.input_size != self.base.input_size:
+            raise AdapterFormatError(f"adapter preprocess.input_size is {adapter.preprocess.input_size}, but the "
+                                     f"base takes {self.base.input_size}")
+        self._probe(adapter)
+
+    @torch.inference_mode()
+    def _probe(self, adapter: Adapter) -> None:
+        """Refuse an adapter whose values overflow the serving dtype or whose logits are not finite."""
+        for name, t in adapter.tensors().items():
+            if not bool(torch.isfinite(t.to(self.dtype)).all()):
+                raise AdapterNumericError(f"tensor '{name}' overflows in {str(self.dtype).replace('torch.', '')}, "
+                                          "the dtype this server computes in")
+        a, e, b = (t.unsqueeze(1) for t in pack_adapter(adapter, None, self.dtype, self.device))  # one slot
+        plan = BatchPlan.build([0] * PROBE_IMAGES, device=self.device, max_rank=adapter.max_rank)
+        s = self.base.input_size
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(PROBE_IMAGES, 3, s, s, generator=g).to(self.device, self.dtype)
+        with self._forward:
+            feats = self.model.features(x, PackedSource(a, e, b, plan, self.qkv_fn)).float()
+        for task in adapter.tasks:
+            head = adapter.heads[task.name]
+            logits = torch.nn.functional.linear(feats, head.weight.float().to(self.device),
+                                                head.bias.float().to(self.device))
+            if not bool(torch.isfinite(logits).all()):
+                raise AdapterNumericError(f"task '{task.name}': the adapter's logits overflow on a probe batch "
+                                          "(its head or factors are too large)")
+
+    def pin(self, ref: str) -> Entry:
+        """Pin in the registry (refused when pins would leave this server too few slots), then keep it resident."""
+        entry = self.registry.resolve(ref)
+        pinned = {e.sha256 for e in self.registry.list() if e.pinned}
+        limit = self.config.slots - self.config.reserved_slots
+        if entry.sha256 not in pinned and len(pinned) + 1 > limit:
+            raise ConflictError(f"cannot pin {entry.ref}: {len(pinned)} adapters are pinned and at most {limit} of "
+                                f"the {self.config.slots} device slots may be (the rest serve every other adapter)")
+        entry = self.registry.pin(entry.ref)
+        self.pool.set_pinned(entry.sha256, True)
+        return entry
+
+    def unpin(self, ref: str) -> Entry:
+        entry = self.registry.unpin(ref)
+        if not any(e.pinned and e.sha256 == entry.sha256 for e in self.registry.list()):
+            self.pool.set_pinned(entry.sha256, False)
+        return entry
+
+    def forget(self, sha256: str) -> None:
+        """Drop an adapter's content from every tier (after its last registry row is gone)."""
+        self.pool.forget(sha256)
+
+    # -- requests -----------------------------------------------------------------------------
+    def request(self, image: torch.Tensor, adapter: ResolvedAdapter | str | None, task: str | None = None,
+                top_k: int | None = None) -> Request:
+        """Resolve (unless resolved already) and validate one request, raising its own error before batching."""
         top_k = self.config.top_k if top_k is None else top_k
         if top_k < 1:
             raise BadInputError("top_k must be at least 1")
         s = self.base.input_size
         if tuple(image.shape) != (3, s, s):
             raise BadInputError(f"image tensor has shape {tuple(image.shape)}, expected (3, {s}, {s})")
-        if ref is None:
+        if adapter is None:
             return Request(image, None, None, top_k)
-        resolved = self.resolve(ref)
+        resolved = self.resolve(adapter) if isinstance(adapter, str) else adapter
         return Request(image, resolved, resolved.task(task), top_k)
 
     # -- inference ----------------------------------------------------------------------------
@@ -150,80 +203,107 @@ class Engine:
         for r in out:
             if isinstance(r, Exception):
                 raise r
-        return out
+        return out  # type: ignore[return-value]
 
     def run(self, requests: list[Request]) -> list[Diagnosis | Exception]:
-        """Run prepared requests in batches; a failure is returned in that request's place."""
+        """Run prepared requests in passes; a failure is returned in that request's place."""
         results: list[Diagnosis | Exception] = []
-        step = max(1, min(self.config.max_batch, self.config.slots))
-        for i in range(0, len(requests), step):
-            chunk = requests[i:i + step]
+        for chunk in self._passes(requests):
             try:
                 results += self._run_batch(chunk)
             except MedlegoError as e:
                 results += [e] * len(chunk)
         return results
 
+    def _passes(self, requests: list[Request]):
+        """Consecutive runs of requests that fit one trunk pass: by image count and by free device slots."""
+        chunk: list[Request] = []
+        shas: set[str] = set()
+        for r in requests:
+            sha = r.adapter.sha256 if r.adapter is not None else None
+            grows = sha is not None and sha not in shas
+            full = len(chunk) >= self.config.max_pass_images
+            if chunk and (full or (grows and len(shas) + 1 > self.pool.capacity(shas | {sha}))):
+                yield chunk
+                chunk, shas = [], set()
+            chunk.append(r)
+            if sha is not None:
+                shas.add(sha)
+        if chunk:
+            yield chunk
+
     @torch.inference_mode()
-    def _run_batch(self, reqs: list[Request]) -> list[Diagnosis]:
+    def _run_batch(self, reqs: list[Request]) -> list[Diagnosis | Exception]:
         t0 = time.perf_counter()
-        distinct: dict[str, HostAdapter] = {}
+        distinct: dict[str, tuple[HostAdapter, bool]] = {}
         for r in reqs:
             if r.adapter is not None:
-                distinct.setdefault(r.adapter.sha256, r.adapter.host)
-        slots = dict(zip(distinct, self.pool.acquire(list(distinct.values()))))
-        image_slots = [-1 if r.adapter is None else slots[r.adapter.sha256] for r in reqs]
-        batch_rank = max((h.e.shape[-1] for h in distinct.values()), default=0)
-        plan = BatchPlan.build(image_slots, device=self.device, max_rank=batch_rank)
+                distinct.setdefault(r.adapter.sha256, (r.adapter.host, r.adapter.pinned))
         pixels = torch.stack([r.image for r in reqs]).to(self.device, self.dtype, non_blocking=True)
-        source = PackedSource(self.pool.lora_a, self.pool.lora_e, self.pool.lora_b, plan, self.qkv_fn)
-        t1 = time.perf_counter()
-        feats = self.model.features(pixels, source if plan.any_active else None).float()  # [N, D]
-        probs: list[torch.Tensor | None] = [None] * len(reqs)
-        groups: dict[tuple[str, str], list[int]] = {}
-        for n, r in enumerate(reqs):
-            if r.adapter is not None:
-                groups.setdefault((r.adapter.sha256, r.task.name), []).append(n)
-        for (sha, task_name), idx in groups.items():
-            w, b = distinct[sha].heads[task_name]
-            logits = torch.nn.functional.linear(feats[idx], w.float(), b.float())
-            task = reqs[idx[0]].task
-            p = torch.sigmoid(logits) if task.multilabel else torch.softmax(logits, dim=-1)
-            for j, n in enumerate(idx):
-                probs[n] = p[j]
+        with self._forward:
+            slots = dict(zip(distinct, self.pool.acquire(list(distinct.values()))))
+            image_slots = [-1 if r.adapter is None else slots[r.adapter.sha256] for r in reqs]
+            batch_rank = max((h.rank for h, _ in distinct.values()), default=0)
+            plan = BatchPlan.build(image_slots, device=self.device, max_rank=batch_rank)
+            source = PackedSource(self.pool.lora_a, self.pool.lora_e, self.pool.lora_b, plan, self.qkv_fn)
+            t1 = time.perf_counter()
+            feats = self.model.features(pixels, source if plan.any_active else None).float()  # [N, D]
+        probs = self._heads(reqs, feats, {sha: h for sha, (h, _) in distinct.items()})
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
         self.counters.observe("batch_size", len(reqs))
         self.counters.observe("stage_seconds", t2 - t1, stage="inference")
         self.counters.observe("stage_seconds", t1 - t0, stage="prepare")
-        out = []
+        timings = {"prepare": t1 - t0, "inference": t2 - t1}
+        return [self._diagnosis(r, feats[n], probs[n], dict(timings)) for n, r in enumerate(reqs)]
+
+    @staticmethod
+    def _heads(reqs: list[Request], feats: torch.Tensor, hosts: dict[str, HostAdapter]) -> list[torch.Tensor | None]:
+        """Each request's probabilities: one head matmul per (adapter, task) group."""
+        probs: list[torch.Tensor | None] = [None] * len(reqs)
+        groups: dict[tuple[str, str], list[int]] = {}
         for n, r in enumerate(reqs):
-            timings = {"prepare": t1 - t0, "inference": t2 - t1}
-            if r.adapter is None:
-                out.append(Diagnosis(None, None, None, None, None, None, embedding=feats[n].tolist(), timings=timings))
-                continue
-            p = probs[n].cpu()
-            labels = r.task.labels
-            k = min(r.top_k, len(labels))
-            top_v, top_i = torch.topk(p, k)
-            out.append(Diagnosis(
-                adapter=r.adapter.name, version=r.adapter.version, sha256=r.adapter.sha256, task=r.task.name,
-                probabilities={lab: float(v) for lab, v in zip(labels, p.tolist())},
-                top=[(labels[i], float(v)) for v, i in zip(top_v.tolist(), top_i.tolist())],
-                multilabel=r.task.multilabel, timings=timings))
-            self.counters.inc("inferences", adapter=r.adapter.name, task=r.task.name)
-        return out
+            if r.adapter is not None and r.task is not None:
+                groups.setdefault((r.adapter.sha256, r.task.name), []).append(n)
+        for (sha, task_name), idx in groups.items():
+            w, b = hosts[sha].heads[task_name]
+            logits = torch.nn.functional.linear(feats[idx], w.float(), b.float())
+            p = torch.sigmoid(logits) if reqs[idx[0]].task.multilabel else torch.softmax(logits, dim=-1)
+            for j, n in enumerate(idx):
+                probs[n] = p[j]
+        return probs
+
+    def _diagnosis(self, r: Request, feats: torch.Tensor, p: torch.Tensor | None,
+                   timings: dict[str, float]) -> Diagnosis | Exception:
+        if r.adapter is None or r.task is None or p is None:
+            return Diagnosis(None, None, None, None, None, None, embedding=feats.tolist(), timings=timings)
+        p = p.cpu()
+        if not bool(torch.isfinite(p).all()):  # never answer NaN: this adapter is numerically broken here
+            return AdapterNumericError(f"adapter {r.adapter.ref} produced non-finite probabilities for task "
+                                       f"'{r.task.name}'; it cannot be served in {str(self.dtype).replace('torch.', '')}")
+        labels = r.task.labels
+        top_v, top_i = torch.topk(p, min(r.top_k, len(labels)))
+        self.counters.inc("inferences", adapter=r.adapter.name, task=r.task.name)
+        return Diagnosis(
+            adapter=r.adapter.name, version=r.adapter.version, sha256=r.adapter.sha256, task=r.task.name,
+            probabilities={lab: float(v) for lab, v in zip(labels, p.tolist())},
+            top=[(labels[i], float(v)) for v, i in zip(top_v.tolist(), top_i.tolist())],
+            multilabel=r.task.multilabel, timings=timings)
 
     def warmup(self) -> None:
         """One forward of the base (and of the adapter path) so the first request pays no setup."""
         s = self.base.input_size
         x = torch.zeros(2, 3, s, s, device=self.device, dtype=self.dtype)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._forward:
             self.model.features(x)
             plan = BatchPlan.build([0, -1], device=self.device, max_rank=self.config.max_rank)
             self.model.features(x, PackedSource(self.pool.lora_a, self.pool.lora_e, self.pool.lora_b, plan, self.qkv_fn))
         self.ready = True
+
+    def pool_stats(self) -> dict:
+        """Residency now: slots, resident adapters per tier, bytes, pins (what the metrics export)."""
+        return self.pool.stats()
 
     def stats(self) -> dict:
         return {"pool": self.pool.stats(), "registry_size": len(self.registry), "device": str(self.device),

@@ -1,23 +1,46 @@
 """Image decoding (PNG, JPEG, DICOM; chosen by content, never by name) and the adapter's preprocessing.
 
+The public API of image handling; the decoders behind it each live in a file of their own.
+
 Preprocessing is exactly what the adapter format specifies: RGB (grey replicated, alpha
 dropped) → resize to input_size × input_size (bilinear, antialiased when shrinking, no crop, so a
 finding at the border survives; an image already at that size is not resampled) → [0, 1] →
 (x − mean) / std.
+
+Decoding is bounded in memory and time whatever the bytes are:
+
+* sizes come from the header and are checked (width × height × frames against ``max_pixels``,
+  each side against ``max_side``) before any pixel data is read, inflated or decompressed;
+* with ``target_size`` (what a server passes: the adapter's input size) rows are decoded a band at
+  a time and resized band by band (image_bands), so the full-resolution float image never exists:
+  PNG rows are inflated only as far as the band needs (image_png_stream), a large JPEG is decoded
+  by libjpeg at 1/2, 1/4 or 1/8 scale (image_pil), a DICOM frame is read (or inflated) band by
+  band (image_dicom). The result is :func:`preprocess`'s resize of the full image: identical up to
+  float rounding, and within DCT scaling for a large JPEG;
+* DICOM: only the first frame is decoded; a deflated data set is inflated only as far as its header
+  and first frame need, and refused when its header or pixel data is bigger than its geometry
+  allows; rescale, window and LUT values are validated (image_dicom_header, image_dicom_values);
+* ``deadline_s`` is checked between stages and bands (C code is not interrupted, but every stage
+  works on a bounded size, so each one is short).
+
+A bad image is a one-line :class:`BadImageError` (400). A decode that runs past its deadline is a
+one-line :class:`OverloadedError` (503, retry): with sizes capped, that mostly means a busy server.
 """
 
 from __future__ import annotations
 
-import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .adapter import Preprocess
-from .errors import BadImageError
+from . import image_dicom, image_pil
+from .config import DECODE_DEADLINE_S, MAX_IMAGE_PIXELS
+from .errors import BadImageError, MedlegoError
+from .image_bands import Budget, bilinear
 
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # decompression-bomb guard (64 Mpx)
+if TYPE_CHECKING:
+    from .adapter import Preprocess
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -31,77 +54,57 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes → float32 array in [0, 1], [H, W] (grey) or [H, W, 3] (RGB)."""
+def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, target_size: int | None = None,
+                 deadline_s: float | None = DECODE_DEADLINE_S, max_side: int | None = None) -> np.ndarray:
+    """Bytes → float32 array in [0, 1], [H, W] (grey) or [H, W, 3] (RGB).
+
+    ``target_size``: the model's input side (the adapter's ``preprocess.input_size``). With it the
+    result is already target_size × target_size, resized exactly as :func:`preprocess` would
+    (which then leaves it as it is), and decoding never holds the full-resolution float image.
+    Without it: the image at full resolution.
+    ``deadline_s``: decoding stops with an :class:`OverloadedError` after this long (None: never).
+    ``max_side``: the largest width or height accepted (None: any), checked from the header.
+    """
     fmt = sniff_format(data)
     if fmt is None:
         raise BadImageError("unsupported image format: expected PNG, JPEG or DICOM content")
-    if fmt == "dicom":
-        return decode_dicom(data, max_pixels=max_pixels)
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > max_pixels:
-                raise BadImageError(f"image is {im.width}x{im.height}, above the limit of {max_pixels} pixels")
-            im.load()
-            return pil_to_array(im)
-    except BadImageError:
-        raise
-    except Exception as e:
-        raise BadImageError(f"cannot decode {fmt.upper()} image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if target_size is not None and target_size < 1:
+        raise ValueError(f"target_size must be a positive number of pixels, got {target_size}")
+    return _decode(data, fmt, Budget(max_pixels, max_side, deadline_s), target_size)
 
 
-def pil_to_array(im) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if arr.max() > 255 else 255.0
-        return (np.clip(arr, 0, hi) / hi).astype(np.float32)
-    if im.mode in ("L", "1", "P", "LA"):
-        im = im.convert("L") if im.mode != "P" else im.convert("RGB")
-    elif im.mode != "RGB":
-        im = im.convert("RGB")
-    return np.asarray(im, dtype=np.float32) / 255.0
-
-
-def decode_dicom(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """DICOM → [0, 1]: rescale slope/intercept, window (VOI LUT) if present, MONOCHROME1 inverted.
+def decode_dicom(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, target_size: int | None = None,
+                 deadline_s: float | None = DECODE_DEADLINE_S, max_side: int | None = None) -> np.ndarray:
+    """DICOM → [0, 1], first frame: rescale slope/intercept (or Modality LUT), window (or VOI LUT)
+    if a window is present, MONOCHROME1 inverted; RGB/YBR colour scaled by BitsStored.
 
     Parsed from memory with pydicom; nothing executed, no external references followed.
+    Options as in :func:`decode_image`.
     """
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    return _decode(data, "dicom", Budget(max_pixels, max_side, deadline_s), target_size)
 
+
+def load_image_file(path, *, max_pixels: int = MAX_IMAGE_PIXELS, target_size: int | None = None,
+                    deadline_s: float | None = None) -> np.ndarray:
+    """A local file (datasets, the CLI): no deadline unless one is given; sizes are bounded all the same."""
+    with open(path, "rb") as fh:
+        return decode_image(fh.read(), max_pixels=max_pixels, target_size=target_size, deadline_s=deadline_s)
+
+
+def _decode(data: bytes, fmt: str, budget: Budget, target_size: int | None) -> np.ndarray:
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=False)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        if rows * cols > max_pixels:
-            raise BadImageError(f"DICOM image is {cols}x{rows}, above the limit of {max_pixels} pixels")
-        arr = ds.pixel_array
-    except BadImageError:
+        if fmt == "dicom":
+            return image_dicom.decode(data, budget, target_size)
+        return image_pil.decode(data, fmt, budget, target_size)
+    except MedlegoError:
         raise
-    except Exception as e:
-        raise BadImageError(f"cannot decode DICOM image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    if arr.ndim == 3 and arr.shape[-1] == 3:  # RGB / YBR colour DICOM
-        return _to_unit(arr.astype(np.float64), float(2 ** int(getattr(ds, "BitsStored", 8)) - 1), 0.0)
-    if arr.ndim != 2:
-        arr = arr[0]  # multi-frame: the first frame
-    img = apply_modality_lut(arr, ds).astype(np.float64)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        img = apply_voi_lut(img, ds).astype(np.float64)
-    lo, hi = float(img.min()), float(img.max())
-    out = _to_unit(img, hi, lo)
-    if photometric == "MONOCHROME1":
-        out = 1.0 - out
-    return out.astype(np.float32)
+    except Exception as e:  # whatever Pillow or pydicom raise on odd bytes: a one-line 400, never a 500
+        raise BadImageError(f"cannot decode {fmt.upper()} image: {_first_line(e)}") from None
 
 
-def _to_unit(img: np.ndarray, hi: float, lo: float) -> np.ndarray:
-    span = hi - lo
-    if span <= 0:
-        return np.zeros_like(img, dtype=np.float32)
-    return ((img - lo) / span).astype(np.float32)
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return text.splitlines()[0] if text.strip() else type(e).__name__
 
 
 def to_chw(image) -> torch.Tensor:
@@ -131,15 +134,8 @@ def preprocess(image, spec: Preprocess) -> torch.Tensor:
     t = to_chw(image)
     s = spec.input_size
     if tuple(t.shape[1:]) != (s, s):
-        shrink = t.shape[1] > s or t.shape[2] > s
-        t = F.interpolate(t.unsqueeze(0), size=(s, s), mode="bilinear", align_corners=False,
-                          antialias=shrink).squeeze(0)
+        t = bilinear(t, (s, s), antialias=t.shape[1] > s or t.shape[2] > s)
     t = t.clamp(0.0, 1.0)
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
     return (t - mean) / std
-
-
-def load_image_file(path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    with open(path, "rb") as fh:
-        return decode_image(fh.read(), max_pixels=max_pixels)

@@ -1,4 +1,4 @@
-"""The adapter pool: device slots, host memory, and the registry's files on disk.
+"""The adapter pool: device slots, host memory, and the registry's files behind them.
 
 Device tier: the packed tensors the engine (and the kernels) read, preallocated once:
 ``lora_a [L, S, 2, R, D]``, ``lora_e [L, S, 2, R]``, ``lora_b [L, S, 2, D, R]`` with S slots and
@@ -9,9 +9,14 @@ FLOPs, so one uniform R keeps one plan and one launch per layer. A swap into a s
 
 Host tier: the parsed adapter plus its packed factors in (pinned, on CUDA) CPU memory, LRU
 bounded. Disk tier: the registry's content-addressed files. Loading from disk happens in the
-caller's thread (the servers call :meth:`host` from a worker pool before a request is queued),
-so a cold adapter never stalls a batch of resident ones; the batch only does the host → device
-copy (on a side stream on CUDA).
+caller's thread (the servers resolve from a worker pool before a request is queued), so a cold
+adapter never stalls a batch of resident ones; the batch only does the host → device copy (on a
+side stream on CUDA).
+
+Everything here is keyed by sha256, so content can never be served under a stale name. The pool
+owns residency only: which adapters are pinned is the registry's fact, and the pool follows it —
+each batch tells :meth:`acquire` the pin flag its requests resolved, and the engine forwards pin
+changes made through this server at once (:meth:`set_pinned`).
 """
 
 from __future__ import annotations
@@ -20,20 +25,21 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .adapter import Adapter
+from .adapter import Adapter, BaseSpec, parse_adapter
 from .counters import Counters
+from .errors import OverloadedError
 from .lora import pack_adapter
-from .registry import Entry, Registry
 
 
-@dataclass
+@dataclass(frozen=True)
 class HostAdapter:
-    """An adapter ready in host memory: its value, packed factors and heads."""
+    """An adapter ready in host memory: its value, packed factors and heads (immutable, by content)."""
 
-    entry: Entry
+    sha256: str
     adapter: Adapter
     a: torch.Tensor  # [L, 2, r, D] at the adapter's own max rank r (≤ the pool's R)
     e: torch.Tensor  # [L, 2, r]
@@ -41,27 +47,31 @@ class HostAdapter:
     heads: dict  # task -> (weight [C, D], bias [C]) on the engine's device and dtype
 
     @property
+    def rank(self) -> int:
+        return int(self.e.shape[-1])
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.a, self.e, self.b))
 
 
 class AdapterPool:
-    def __init__(self, registry: Registry, *, depth: int, dim: int, slots: int = 64, max_rank: int = 16,
+    def __init__(self, base: BaseSpec, *, slots: int = 64, max_rank: int = 16,
                  host_capacity: int = 1024, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  counters: Counters | None = None):
-        self.registry = registry
-        self.depth, self.dim, self.slots, self.max_rank = depth, dim, slots, max_rank
+        self.base = base
+        self.depth, self.dim, self.slots, self.max_rank = base.depth, base.embed_dim, slots, max_rank
         self.device, self.dtype = torch.device(device), dtype
         self.host_capacity = host_capacity
         self.counters = counters or Counters()
-        self.lora_a = torch.zeros(depth, slots, 2, max_rank, dim, device=self.device, dtype=dtype)
-        self.lora_e = torch.zeros(depth, slots, 2, max_rank, device=self.device, dtype=dtype)
-        self.lora_b = torch.zeros(depth, slots, 2, dim, max_rank, device=self.device, dtype=dtype)
+        shape = (self.depth, slots, 2)
+        self.lora_a = torch.zeros(*shape, max_rank, self.dim, device=self.device, dtype=dtype)
+        self.lora_e = torch.zeros(*shape, max_rank, device=self.device, dtype=dtype)
+        self.lora_b = torch.zeros(*shape, self.dim, max_rank, device=self.device, dtype=dtype)
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # sha256 -> host copy, LRU order
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # sha256 -> device slot, LRU order
-        self._slot_heads: dict[int, HostAdapter] = {}
         self._free = list(range(slots - 1, -1, -1))
-        self._pinned: set[str] = set()
+        self._pinned: set[str] = set()  # the registry's pins as last seen by this pool
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Event] = {}  # concurrent loads of one adapter merge into one
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -84,105 +94,102 @@ class AdapterPool:
         with self._lock:
             return list(self._host)
 
+    def capacity(self, keep: set[str]) -> int:
+        """Slots a batch needing the adapters `keep` can use: every slot but those pinned by others."""
+        with self._lock:
+            return self.slots - len(self._pinned - keep)
+
     # -- host tier ----------------------------------------------------------------------------
-    def host(self, entry: Entry) -> HostAdapter:
-        """The host copy of a registered adapter, loading it from disk if needed (thread-safe)."""
+    def host(self, sha256: str, read: Callable[[], bytes]) -> HostAdapter:
+        """The host copy of an adapter, loaded with ``read()`` (its verified file bytes) if absent (thread-safe)."""
         while True:
             with self._lock:
-                h = self._host.get(entry.sha256)
+                h = self._host.get(sha256)
                 if h is not None:
-                    h.entry = entry  # the caller's fresh row: pins and versions change after loading
-                    self._host.move_to_end(entry.sha256)
+                    self._host.move_to_end(sha256)
                     self.counters.inc("pool_hits", tier="host")
                     return h
-                pending = self._loading.get(entry.sha256)
+                pending = self._loading.get(sha256)
                 if pending is None:
-                    self._loading[entry.sha256] = threading.Event()
+                    self._loading[sha256] = threading.Event()
                     break
             pending.wait()  # another thread is loading the same adapter: share its result
         try:
             t0 = time.perf_counter()
-            h = self._load_from_disk(entry)
+            h = self._load(sha256, read())
             with self._lock:
-                self._host[entry.sha256] = h
+                self._host[sha256] = h
                 self.counters.inc("pool_misses", tier="host")
                 self.counters.inc("pool_loads", tier="disk")
                 self.counters.observe("load_seconds", time.perf_counter() - t0)
-                while len(self._host) > self.host_capacity:
-                    victim = next((k for k in self._host if k not in self._slot_of and k not in self._pinned), None)
-                    if victim is None:
-                        break
-                    del self._host[victim]
-                    self.counters.inc("pool_evictions", tier="host")
+                self._trim_host()
             return h
         finally:
             with self._lock:
-                self._loading.pop(entry.sha256).set()
+                self._loading.pop(sha256).set()
 
-    def _load_from_disk(self, entry: Entry) -> HostAdapter:
-        from .adapter import parse_adapter
+    def _trim_host(self) -> None:
+        while len(self._host) > self.host_capacity:
+            victim = next((k for k in self._host if k not in self._slot_of and k not in self._pinned), None)
+            if victim is None:
+                return
+            del self._host[victim]
+            self.counters.inc("pool_evictions", tier="host")
 
-        adapter = parse_adapter(self.registry.read_bytes(entry), expected_base=self.registry.base,
-                                max_rank=self.max_rank)
+    def _load(self, sha256: str, data: bytes) -> HostAdapter:
+        adapter = parse_adapter(data, expected_base=self.base, max_rank=self.max_rank)
         # packed at its own rank: a smaller host copy, and no zero-fill up to the pool's rank
         a, e, b = pack_adapter(adapter, None, self.dtype, "cpu")
         if self._stream is not None:
             a, e, b = a.pin_memory(), e.pin_memory(), b.pin_memory()
         heads = {name: (h.weight.to(self.device, self.dtype), h.bias.to(self.device, self.dtype))
                  for name, h in adapter.heads.items()}
-        return HostAdapter(entry, adapter, a, e, b, heads)
+        return HostAdapter(sha256, adapter, a, e, b, heads)
 
-    # -- device tier --------------------------------------------------------------------------
-    def pin(self, sha256: str) -> None:
+    # -- residency policy ------------------------------------------------------------------------
+    def set_pinned(self, sha256: str, pinned: bool) -> None:
         with self._lock:
-            self._pinned.add(sha256)
+            if pinned:
+                self._pinned.add(sha256)
+            else:
+                self._pinned.discard(sha256)
 
-    def unpin(self, sha256: str) -> None:
+    def forget(self, sha256: str) -> None:
+        """Drop an adapter from both tiers (its last registry row is gone); in-flight batches keep theirs."""
         with self._lock:
             self._pinned.discard(sha256)
-
-    def evict(self, sha256: str) -> bool:
-        """Drop an adapter from the device tier (and the host tier). False if absent or pinned."""
-        with self._lock:
-            if sha256 in self._pinned:
-                return False
             self._host.pop(sha256, None)
             slot = self._slot_of.pop(sha256, None)
-            if slot is None:
-                return False
-            self._slot_heads.pop(slot, None)
-            self._free.append(slot)
-            self.counters.inc("pool_evictions", tier="device")
-            return True
+            if slot is not None:
+                self._free.append(slot)
+                self.counters.inc("pool_evictions", tier="device")
 
-    def acquire(self, hosts: list[HostAdapter]) -> list[int]:
-        """Device slots for the given (distinct) adapters, copying in the missing ones.
+    # -- device tier --------------------------------------------------------------------------
+    def acquire(self, wanted: list[tuple[HostAdapter, bool]]) -> list[int]:
+        """Device slots for the given distinct adapters (with the pin flag each request resolved).
 
         Called by the engine's batch thread only; the slots stay valid until the next acquire.
+        Raises :class:`OverloadedError` when pinned adapters leave too few slots for this batch.
         """
-        if len(hosts) > self.slots:
-            raise ValueError(f"a batch needs {len(hosts)} distinct adapters but the pool has {self.slots} slots")
-        wanted = {h.entry.sha256 for h in hosts}
-        out = []
-        copies = []
+        keep = {h.sha256 for h, _ in wanted}
+        out, copies = [], []
         with self._lock:
-            for h in hosts:
-                sha = h.entry.sha256
-                slot = self._slot_of.get(sha)
+            for h, pinned in wanted:
+                self.set_pinned(h.sha256, pinned)
+            if len(wanted) > self.capacity(keep):
+                raise OverloadedError(f"a batch needs {len(wanted)} device slots but only {self.capacity(keep)} of "
+                                      f"{self.slots} are not pinned by other adapters; retry later")
+            for h, _ in wanted:
+                slot = self._slot_of.get(h.sha256)
                 if slot is not None:
-                    self._slot_of.move_to_end(sha)
+                    self._slot_of.move_to_end(h.sha256)
                     self.counters.inc("pool_hits", tier="device")
                 else:
-                    slot = self._take_slot(wanted)
-                    self._slot_of[sha] = slot
-                    self._slot_heads[slot] = h
+                    slot = self._take_slot(keep)
+                    self._slot_of[h.sha256] = slot
                     copies.append((slot, h))
                     self.counters.inc("pool_misses", tier="device")
                     self.counters.inc("pool_loads", tier="host")
-                if h.entry.pinned:  # the registry's pin flag, as of this request's resolve
-                    self._pinned.add(sha)
-                else:
-                    self._pinned.discard(sha)
                 out.append(slot)
         if copies:
             self._copy_in(copies)
@@ -191,18 +198,14 @@ class AdapterPool:
     def _take_slot(self, keep: set[str]) -> int:
         if self._free:
             return self._free.pop()
-        for sha in self._slot_of:  # oldest first
-            if sha not in self._pinned and sha not in keep:
-                slot = self._slot_of.pop(sha)
-                self._slot_heads.pop(slot, None)
-                self.counters.inc("pool_evictions", tier="device")
-                return slot
-        raise RuntimeError("every device slot is pinned or in use by this batch; raise the pool's slot count")
+        victim = next(sha for sha in self._slot_of if sha not in self._pinned and sha not in keep)  # oldest first
+        self.counters.inc("pool_evictions", tier="device")
+        return self._slot_of.pop(victim)
 
     def _copy_in(self, copies: list[tuple[int, HostAdapter]]) -> None:
         def run():
             for slot, h in copies:
-                r = h.e.shape[-1]
+                r = h.rank
                 # ranks above r keep the previous tenant's (finite) A and B; E = 0 there makes them
                 # contribute exactly nothing, so only E needs clearing
                 self.lora_a[:, slot, :, :r].copy_(h.a, non_blocking=True)
@@ -217,9 +220,6 @@ class AdapterPool:
         with torch.cuda.stream(self._stream):
             run()
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
-
-    def heads_of(self, slot: int) -> HostAdapter:
-        return self._slot_heads[slot]
 
     def stats(self) -> dict:
         with self._lock:

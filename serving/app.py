@@ -1,13 +1,14 @@
-"""The REST API (FastAPI): diagnosis, the adapter registry's admin API, health and metrics.
+"""The REST API (FastAPI), written once against the serving contract (:class:`~.contract.DiagnosisAPI`).
 
-Every route is a thin shell over :class:`DiagnosisService`; errors are :class:`MedlegoError`s
-mapped here to their status with ``{"detail": message, "type": ErrorClass}`` (503 adds
-``Retry-After``, 401 adds ``WWW-Authenticate``). The OpenAPI page is at ``/docs``.
+Every route is a thin shell over the contract: the embedded server passes a
+:class:`~.service.DiagnosisService`, the Ray ingress a :class:`~.ray_app.RayFrontend`. Errors are
+:class:`MedlegoError`s answered with their class's status (``runtime/errors.py``) and
+``{"detail": message, "type": ErrorClass}``; 503 adds ``Retry-After``, 401 ``WWW-Authenticate``.
+The OpenAPI page is at ``/docs``; its scripts and styles are served by this app, so it works offline.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 from fastapi import Body, FastAPI, Header, Query, Request
@@ -15,90 +16,62 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError
+from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError, PayloadTooLargeError, answer_of
 
-from .limits import PayloadTooLargeError, decode_base64
+from . import limits as checks
+from .contract import DiagnoseItem, DiagnosisAPI, MergeSpec
 from .metrics import CONTENT_TYPE
-from .service import DiagnoseItem, DiagnosisService, call
 
 log = logging.getLogger("medlego.serving")
 
-_DIAGNOSE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file", "adapter"],
-                "properties": {
-                    "file": {"type": "string", "format": "binary", "description": "PNG, JPEG or DICOM file"},
-                    "adapter": {"type": "string", "description": "name, name@version or alias"},
-                    "task": {"type": "string", "description": "needed when the adapter has several tasks"},
-                    "top_k": {"type": "integer", "minimum": 1}}}},
-            "application/json": {"schema": {
-                "type": "object", "required": ["image", "adapter"],
-                "properties": {
-                    "image": {"type": "string", "format": "byte", "description": "base64 PNG/JPEG/DICOM bytes"},
-                    "adapter": {"type": "string"}, "task": {"type": "string"},
-                    "top_k": {"type": "integer", "minimum": 1}}}},
-        },
-    }
-}
+def _body(schemas: dict) -> dict:
+    """An OpenAPI requestBody with one object schema per content type (FastAPI cannot infer these routes' bodies)."""
+    content = {ctype: {"schema": {"type": "object", **schema}} for ctype, schema in schemas.items()}
+    return {"requestBody": {"required": True, "content": content}}
 
-_BATCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file", "adapter"],
-                "properties": {
-                    "file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                             "description": "one part per image"},
-                    "adapter": {"type": "array", "items": {"type": "string"},
-                                "description": "one adapter for every image, or one per image"},
-                    "task": {"type": "array", "items": {"type": "string"}},
-                    "top_k": {"type": "integer", "minimum": 1}}}},
-            "application/json": {"schema": {
-                "type": "object", "required": ["items"],
-                "properties": {
-                    "items": {"type": "array", "items": {"type": "object", "properties": {
-                        "image": {"type": "string", "format": "byte"}, "adapter": {"type": "string"},
-                        "task": {"type": "string"}, "top_k": {"type": "integer"}}}},
-                    "adapter": {"type": "string", "description": "default for items without one"},
-                    "task": {"type": "string"}, "top_k": {"type": "integer"}}}},
-        },
-    }
-}
 
-_UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["file", "name"],
-            "properties": {
-                "file": {"type": "string", "format": "binary", "description": "medlego SVD-LoRA .safetensors"},
-                "name": {"type": "string"},
-                "alias": {"type": "array", "items": {"type": "string"}}}}}},
-    }
-}
+_STR, _INT = {"type": "string"}, {"type": "integer", "minimum": 1}
+_FILE = {"type": "string", "format": "binary"}
+
+_DIAGNOSE_BODY = _body({
+    "multipart/form-data": {"required": ["file", "adapter"], "properties": {
+        "file": {**_FILE, "description": "PNG, JPEG or DICOM file"},
+        "adapter": {**_STR, "description": "name, name@version or alias"},
+        "task": {**_STR, "description": "needed when the adapter has several tasks"}, "top_k": _INT}},
+    "application/json": {"required": ["image", "adapter"], "properties": {
+        "image": {"type": "string", "format": "byte", "description": "base64 PNG/JPEG/DICOM bytes"},
+        "adapter": _STR, "task": _STR, "top_k": _INT}}})
+
+_BATCH_BODY = _body({
+    "multipart/form-data": {"required": ["file", "adapter"], "properties": {
+        "file": {"type": "array", "items": _FILE, "description": "one part per image"},
+        "adapter": {"type": "array", "items": _STR, "description": "one adapter for every image, or one per image"},
+        "task": {"type": "array", "items": _STR}, "top_k": _INT}},
+    "application/json": {"required": ["items"], "properties": {
+        "items": {"type": "array", "items": {"type": "object", "properties": {
+            "image": {"type": "string", "format": "byte"}, "adapter": _STR, "task": _STR, "top_k": _INT}}},
+        "adapter": {**_STR, "description": "default for items without one"}, "task": _STR, "top_k": _INT}}})
+
+_UPLOAD_BODY = _body({
+    "multipart/form-data": {"required": ["file", "name"], "properties": {
+        "file": {**_FILE, "description": "medlego SVD-LoRA .safetensors"}, "name": _STR,
+        "alias": {"type": "array", "items": _STR},
+        "move_alias": {"type": "boolean", "description": "move an alias that points elsewhere"}}}})
 
 
 def error_response(e: BaseException) -> JSONResponse:
+    status = answer_of(e)[0]
     if isinstance(e, MedlegoError):
-        status = e.status
         body = {"detail": str(e), "type": type(e).__name__}
     else:  # a bug, not a user mistake: log it, answer without internals
-        log.exception("internal error", exc_info=e)
-        status, body = 500, {"detail": "internal server error", "type": "InternalError"}
+        log.error("internal error", exc_info=e)
+        body = {"detail": "internal server error", "type": "InternalError"}
     headers = {}
     if isinstance(e, OverloadedError):
-        headers["Retry-After"] = str(getattr(e, "retry_after_s", 1))
+        headers["Retry-After"] = str(e.retry_after_s)
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-class _BodyTooLarge(PayloadTooLargeError):
-    """Raised from inside the app's body reads; a MedlegoError, so the app answers 413 itself."""
 
 
 class BodyLimitMiddleware:
@@ -127,8 +100,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge(str(too_large))
+                if seen > limit:  # a MedlegoError: the app's handler answers 413 when it reads the body
+                    raise too_large
             return message
 
         started = False
@@ -141,12 +114,12 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, counted_receive, tracking_send)
-        except _BodyTooLarge:
+        except PayloadTooLargeError:
             if not started:
                 await error_response(too_large)(scope, receive, send)
 
 
-def create_app(service: DiagnosisService, *, title: str = "medlego") -> FastAPI:
+def create_app(service: DiagnosisAPI, *, title: str = "medlego") -> FastAPI:
     app = FastAPI(
         title=title, version="1",
         description="Medical image diagnosis with one frozen ViT and hot-swapped SVD-LoRA adapters. "
@@ -195,27 +168,25 @@ def create_app(service: DiagnosisService, *, title: str = "medlego") -> FastAPI:
     async def diagnose(request: Request, authorization: str | None = Header(None)):
         api_auth(authorization)
         items = await _read_items(request, service, batch=False)
-        result = await service.diagnose(items[0], api="rest")
-        return service.diagnosis_json(result)
+        return await service.diagnose(items[0], api="rest")
 
     @app.post("/v1/diagnose/batch", tags=["diagnosis"], openapi_extra=_BATCH_BODY,
               summary="Diagnose several images (each with its own adapter and task) in one call")
     async def diagnose_batch(request: Request, authorization: str | None = Header(None)):
         api_auth(authorization)
         items = await _read_items(request, service, batch=True)
-        results = await service.diagnose_many(items, api="rest")
-        return {"results": [service.diagnosis_json(r) for r in results]}
+        return {"results": await service.diagnose_many(items, api="rest")}
 
     # -- registry reads (diagnosis token) -------------------------------------------------------
     @app.get("/v1/adapters", tags=["adapters"], summary="Every registered adapter version and alias")
     async def list_adapters(authorization: str | None = Header(None)):
         api_auth(authorization)
-        return await call(service.list_adapters)
+        return await service.list_adapters()
 
     @app.get("/v1/adapters/{ref}", tags=["adapters"], summary="Metadata of NAME, NAME@VERSION or an alias")
     async def describe_adapter(ref: str, authorization: str | None = Header(None)):
         api_auth(authorization)
-        return await call(service.describe, ref)
+        return await service.describe(ref)
 
     # -- registry writes (admin token) -----------------------------------------------------------
     @app.post("/v1/adapters", tags=["admin"], status_code=201, openapi_extra=_UPLOAD_BODY,
@@ -231,39 +202,42 @@ def create_app(service: DiagnosisService, *, title: str = "medlego") -> FastAPI:
             raise BadInputError("multipart field 'name' is required")
         data = await _read_upload(upload, limits.max_adapter_bytes, "adapter upload")
         aliases = [a for a in form.getlist("alias") if isinstance(a, str) and a]
-        return await call(service.register, name, data, aliases)
+        move = form.get("move_alias")
+        if move not in (None, "", "true", "false", "1", "0"):
+            raise BadInputError("multipart field 'move_alias' must be true or false")
+        return await service.register(name, data, aliases, move_aliases=move in ("true", "1"))
 
     @app.delete("/v1/adapters/{ref}", tags=["admin"],
                 summary="Delete NAME@VERSION (every version of NAME with ?all_versions=true); 409 while pinned")
     async def delete_adapter(ref: str, all_versions: bool = Query(False), authorization: str | None = Header(None)):
         admin_auth(authorization)
-        return {"deleted": await call(service.delete, ref, all_versions)}
+        return {"deleted": await service.delete(ref, all_versions)}
 
     @app.post("/v1/adapters/{ref}/pin", tags=["admin"], summary="Pin (keep on the device, refuse deletion)")
     async def pin_adapter(ref: str, authorization: str | None = Header(None)):
         admin_auth(authorization)
-        return await call(service.pin, ref)
+        return await service.pin(ref)
 
     @app.post("/v1/adapters/{ref}/unpin", tags=["admin"], summary="Unpin")
     async def unpin_adapter(ref: str, authorization: str | None = Header(None)):
         admin_auth(authorization)
-        return await call(service.unpin, ref)
+        return await service.unpin(ref)
 
     @app.get("/v1/aliases", tags=["adapters"], summary="Every alias and its target")
     async def list_aliases(authorization: str | None = Header(None)):
         api_auth(authorization)
-        return await call(service.aliases)
+        return await service.aliases()
 
     @app.put("/v1/aliases/{alias}", tags=["admin"],
              summary="Point ALIAS at NAME@VERSION (or NAME: follow its latest version)")
     async def set_alias(alias: str, target: str = Body(..., embed=True), authorization: str | None = Header(None)):
         admin_auth(authorization)
-        return await call(service.set_alias, alias, target)
+        return await service.set_alias(alias, target)
 
     @app.delete("/v1/aliases/{alias}", tags=["admin"], summary="Remove an alias")
     async def remove_alias(alias: str, authorization: str | None = Header(None)):
         admin_auth(authorization)
-        await call(service.remove_alias, alias)
+        await service.remove_alias(alias)
         return {"removed": alias}
 
     @app.post("/v1/merge", tags=["admin"], status_code=201,
@@ -274,9 +248,10 @@ def create_app(service: DiagnosisService, *, title: str = "medlego") -> FastAPI:
                                                                  "dare, magnitude-prune, pem, magmax, iso-c, tsv"),
                     params: dict = Body({}, description="method parameters, e.g. {\"threshold\": 0.997}"),
                     aliases: list[str] = Body([]), task_names: list[str] | None = Body(None),
+                    move_alias: bool = Body(False, description="move an alias that points elsewhere"),
                     authorization: str | None = Header(None)):
         admin_auth(authorization)
-        return await call(service.merge, name, sources, method, params, aliases, task_names)
+        return await service.merge(MergeSpec(name, sources, method, params, aliases, task_names, move_alias))
 
     # -- ops ------------------------------------------------------------------------------------
     @app.get("/healthz", tags=["ops"], summary="Alive")
@@ -285,17 +260,18 @@ def create_app(service: DiagnosisService, *, title: str = "medlego") -> FastAPI:
 
     @app.get("/readyz", tags=["ops"], summary="Ready: base loaded and warmed up")
     async def readyz():
-        h = await call(service.health)
+        h = await service.health()
         return JSONResponse(h, status_code=200 if h["ready"] else 503)
 
     @app.get("/v1/info", tags=["ops"], summary="The resident base, device and pool")
     async def info(authorization: str | None = Header(None)):
         api_auth(authorization)
-        return await call(service.info)
+        return await service.info()
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
-    async def metrics():
-        return Response(await call(service.metrics_text), media_type=CONTENT_TYPE)
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (needs the API token when one is set)")
+    async def metrics(authorization: str | None = Header(None)):
+        service.auth.check_metrics(authorization)
+        return Response(await service.metrics_text(), media_type=CONTENT_TYPE)
 
     return app
 
@@ -322,26 +298,7 @@ async def _read_upload(upload, limit: int, what: str) -> bytes:
     return data
 
 
-def _int_or_none(value, field: str) -> int | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise BadInputError(f"'{field}' must be an integer")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise BadInputError(f"'{field}' must be an integer, got {value!r}") from None
-
-
-def _str_or_none(value, field: str) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise BadInputError(f"'{field}' must be a string")
-    return value
-
-
-async def _read_items(request: Request, service: DiagnosisService, batch: bool) -> list[DiagnoseItem]:
+async def _read_items(request: Request, service: DiagnosisAPI, batch: bool) -> list[DiagnoseItem]:
     """Multipart (file + fields) or JSON (base64 image) → the items to diagnose."""
     limits = service.limits
     ctype = request.headers.get("content-type", "")
@@ -353,44 +310,40 @@ async def _read_items(request: Request, service: DiagnosisService, batch: bool) 
         if not batch and len(files) > 1:
             raise BadInputError("several files sent: use /v1/diagnose/batch for more than one image")
         if batch:
-            limits.check_batch(len(files))
+            checks.check_batch(limits, len(files))
         adapters = [a for a in form.getlist("adapter") if isinstance(a, str)]
         tasks = [t for t in form.getlist("task") if isinstance(t, str)]
-        top_k = _int_or_none(form.get("top_k"), "top_k")
+        top_k = checks.check_top_k(limits, form.get("top_k"))
         images = [await _read_upload(f, limits.max_image_bytes, f"image '{f.filename or 'file'}'") for f in files]
         return [DiagnoseItem(img, _per_item(adapters, n, len(images), "adapter") or "",
                              _per_item(tasks, n, len(images), "task"), top_k) for n, img in enumerate(images)]
     if ctype.startswith("application/json") or not ctype:
-        raw = await request.body()
-        try:
-            body = json.loads(raw or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInputError(f"request body is not valid JSON: {e}") from None
+        body = checks.parse_json(await request.body())
         if not isinstance(body, dict):
             raise BadInputError("the JSON body must be an object")
         if not batch:
-            return [_json_item(body, {})]
+            return [_json_item(limits, body, {})]
         items = body.get("items")
         if items is None and isinstance(body.get("images"), list):
             items = [{"image": img} for img in body["images"]]
         if not isinstance(items, list):
             raise BadInputError("a batch needs 'items': [{\"image\": base64, \"adapter\": ...}, ...]")
-        limits.check_batch(len(items))
-        return [_json_item(it, body, n) for n, it in enumerate(items)]
+        checks.check_batch(limits, len(items))
+        return [_json_item(limits, it, body, n) for n, it in enumerate(items)]
     raise BadInputError(f"unsupported content type '{ctype}': send multipart/form-data or application/json")
 
 
-def _json_item(obj, defaults: dict, index: int | None = None) -> DiagnoseItem:
+def _json_item(limits, obj, defaults: dict, index: int | None = None) -> DiagnoseItem:
     where = "" if index is None else f"items[{index}]."
     if not isinstance(obj, dict):
         raise BadInputError(f"{where or 'body'} must be an object")
     if obj.get("image") is None:
         raise BadInputError(f"'{where}image' (base64 PNG/JPEG/DICOM bytes) is required")
     return DiagnoseItem(
-        image=decode_base64(obj["image"], f"{where}image"),
-        adapter=_str_or_none(obj.get("adapter", defaults.get("adapter")), f"{where}adapter") or "",
-        task=_str_or_none(obj.get("task", defaults.get("task")), f"{where}task"),
-        top_k=_int_or_none(obj.get("top_k", defaults.get("top_k")), f"{where}top_k"))
+        image=checks.decode_base64(obj["image"], f"{where}image"),
+        adapter=checks.check_text(obj.get("adapter", defaults.get("adapter")), f"{where}adapter") or "",
+        task=checks.check_text(obj.get("task", defaults.get("task")), f"{where}task"),
+        top_k=checks.check_top_k(limits, obj.get("top_k", defaults.get("top_k"))))
 
 
 def _per_item(values: list[str], n: int, count: int, field: str) -> str | None:

@@ -2,7 +2,8 @@
 
 With no admin token configured the admin API is *closed* (every call refused), never open.
 Tokens are compared in constant time. The same checks serve REST (``Authorization`` header)
-and gRPC (``authorization`` metadata).
+and gRPC (``authorization`` metadata). ``/metrics`` lists adapter names, so it follows the
+diagnosis token unless the configuration makes it public.
 """
 
 from __future__ import annotations
@@ -10,22 +11,8 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from medlego.runtime.errors import MedlegoError
-
-ADMIN_TOKEN_ENV = "MEDLEGO_ADMIN_TOKEN"
-API_TOKEN_ENV = "MEDLEGO_API_TOKEN"
-
-
-class UnauthenticatedError(MedlegoError):
-    """No credentials where some are required (HTTP 401, gRPC UNAUTHENTICATED)."""
-
-    status = 401
-
-
-class ForbiddenError(MedlegoError):
-    """Wrong credentials, or an API that is closed by configuration (HTTP 403, PERMISSION_DENIED)."""
-
-    status = 403
+from medlego.runtime.config import ADMIN_TOKEN_ENV, AuthConfig
+from medlego.runtime.errors import ForbiddenError, UnauthenticatedError
 
 
 def bearer(value: str | None) -> str | None:
@@ -39,13 +26,18 @@ def bearer(value: str | None) -> str | None:
 
 
 def _matches(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True)
 class Auth:
     admin_token: str | None = None  # None: the admin API is closed
     api_token: str | None = None  # None: diagnosis is open
+    metrics_public: bool = False
+
+    @staticmethod
+    def from_config(cfg: AuthConfig) -> "Auth":
+        return Auth(cfg.admin_token or None, cfg.api_token or None, cfg.metrics_public)
 
     def check_admin(self, authorization: str | None) -> None:
         if not self.admin_token:
@@ -65,3 +57,7 @@ class Auth:
         # the admin token also opens the diagnosis API (ops can test what they deploy)
         if not (_matches(token, self.api_token) or (self.admin_token and _matches(token, self.admin_token))):
             raise ForbiddenError("wrong API token")
+
+    def check_metrics(self, authorization: str | None) -> None:
+        if not self.metrics_public:
+            self.check_api(authorization)

@@ -1,4 +1,4 @@
-"""Regenerate medlego_pb2.py / medlego_pb2_grpc.py from medlego.proto (committed; rerun after edits).
+"""Regenerate medlego_pb2.py(i) / medlego_pb2_grpc.py from medlego.proto (committed; rerun after edits).
 
     python -m medlego.serving.gen_proto          # writes beside this file
     python -m medlego.serving.gen_proto --check  # exit 1 if the committed files are stale
@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROTO = "medlego.proto"
-OUTPUTS = ("medlego_pb2.py", "medlego_pb2_grpc.py")
+OUTPUTS = ("medlego_pb2.py", "medlego_pb2.pyi", "medlego_pb2_grpc.py")  # .pyi: the messages for static tools
 
 
 def generate(work: Path) -> dict[str, str]:
@@ -31,7 +31,7 @@ def generate(work: Path) -> dict[str, str]:
     (src / "medlego" / "serving").mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(HERE / PROTO, src / "medlego" / "serving" / PROTO)
-    rc = protoc.main(["grpc_tools.protoc", f"-I{src}", f"-I{include}", f"--python_out={out}",
+    rc = protoc.main(["grpc_tools.protoc", f"-I{src}", f"-I{include}", f"--python_out={out}", f"--pyi_out={out}",
                       f"--grpc_python_out={out}", f"medlego/serving/{PROTO}"])
     if rc != 0:
         raise RuntimeError(f"protoc failed with exit code {rc}")

@@ -1,8 +1,11 @@
 """The gRPC API (grpc.aio): the Medlego service, the standard health service and server reflection.
 
-:class:`MedlegoRPC` holds the operations as proto-in / proto-out coroutines that raise
-:class:`MedlegoError`; :class:`MedlegoServicer` maps those errors to gRPC status codes. The Ray
-deployment calls the same :class:`MedlegoRPC` from Ray Serve's gRPC proxy.
+:class:`MedlegoRPC` holds the operations as proto-in / proto-out coroutines over the serving
+contract (:class:`~.contract.DiagnosisAPI`). :class:`RpcMethods` gives a class one coroutine per
+RPC of ``medlego.v1.Medlego`` that reads the bearer token from the call's metadata and answers a
+failure with its error class's code (``runtime/errors.py``). The grpc.aio servicer here and the
+Ray ingress (called by Ray Serve's gRPC proxy by RPC name) both are :class:`RpcMethods`: one code
+path for the gRPC API in either mode.
 """
 
 from __future__ import annotations
@@ -15,32 +18,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from medlego.runtime.errors import BadInputError, MedlegoError
+from medlego.runtime.errors import BadInputError, MedlegoError, answer_of
 
 from . import medlego_pb2 as pb
 from . import medlego_pb2_grpc as pb_grpc
-from .service import DiagnoseItem, DiagnosisService, call
+from .contract import DiagnoseItem, DiagnosisAPI, MergeSpec
 
 log = logging.getLogger("medlego.serving")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Medlego"].full_name  # "medlego.v1.Medlego"
-
-STATUS_TO_CODE = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    409: grpc.StatusCode.FAILED_PRECONDITION,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
-
-def grpc_code(e: BaseException) -> grpc.StatusCode:
-    if isinstance(e, MedlegoError):
-        return STATUS_TO_CODE.get(e.status, grpc.StatusCode.INVALID_ARGUMENT if e.status < 500 else grpc.StatusCode.INTERNAL)
-    return grpc.StatusCode.INTERNAL
+_SERVICE = pb.DESCRIPTOR.services_by_name["Medlego"]
+SERVICE_NAME = _SERVICE.full_name  # "medlego.v1.Medlego"
+RPC_NAMES = tuple(m.name for m in _SERVICE.methods)
+_RESPONSE_TYPES = {m.name: getattr(pb, m.output_type.name) for m in _SERVICE.methods}
 
 
 # -- proto conversions ---------------------------------------------------------------------------
@@ -68,7 +57,7 @@ def adapter_proto(desc: dict) -> pb.AdapterInfo:
 def authorization_of(metadata) -> str | None:
     for key, value in metadata or ():
         if key.lower() == "authorization":
-            return value if isinstance(value, str) else value.decode()
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
     return None
 
 
@@ -76,84 +65,134 @@ def _item(req: pb.DiagnoseRequest) -> DiagnoseItem:
     return DiagnoseItem(image=bytes(req.image), adapter=req.adapter, task=req.task or None, top_k=req.top_k or None)
 
 
+def _params(text: str) -> dict:
+    if not text:
+        return {}
+    try:
+        params = json.loads(text)
+    except (ValueError, RecursionError):
+        raise BadInputError("'params_json' is not valid JSON") from None
+    if not isinstance(params, dict):
+        raise BadInputError("'params_json' must be a JSON object")
+    return params
+
+
 class MedlegoRPC:
     """The operations, transport-free: (proto request, authorization) → proto response."""
 
-    def __init__(self, service: DiagnosisService):
-        self.service = service
+    def __init__(self, api: DiagnosisAPI):
+        self.api = api
 
     async def Diagnose(self, req: pb.DiagnoseRequest, authorization: str | None) -> pb.DiagnoseResponse:
-        self.service.auth.check_api(authorization)
-        d = await self.service.diagnose(_item(req), api="grpc")
-        return diagnosis_proto(self.service.diagnosis_json(d))
+        self.api.auth.check_api(authorization)
+        return diagnosis_proto(await self.api.diagnose(_item(req), api="grpc"))
 
     async def DiagnoseBatch(self, req: pb.DiagnoseBatchRequest, authorization: str | None) -> pb.DiagnoseBatchResponse:
-        self.service.auth.check_api(authorization)
-        results = await self.service.diagnose_many([_item(r) for r in req.items], api="grpc")
-        return pb.DiagnoseBatchResponse(results=[diagnosis_proto(self.service.diagnosis_json(d)) for d in results])
+        self.api.auth.check_api(authorization)
+        results = await self.api.diagnose_many([_item(r) for r in req.items], api="grpc")
+        return pb.DiagnoseBatchResponse(results=[diagnosis_proto(d) for d in results])
 
     async def ListAdapters(self, req: pb.ListAdaptersRequest, authorization: str | None) -> pb.ListAdaptersResponse:
-        self.service.auth.check_api(authorization)
-        listing = await call(self.service.list_adapters)
+        self.api.auth.check_api(authorization)
+        listing = await self.api.list_adapters()
         return pb.ListAdaptersResponse(adapters=[adapter_proto(a) for a in listing["adapters"]], aliases=listing["aliases"])
 
     async def DescribeAdapter(self, req: pb.DescribeAdapterRequest, authorization: str | None) -> pb.AdapterInfo:
-        self.service.auth.check_api(authorization)
-        if not req.ref:
-            raise BadInputError("'ref' is required: NAME, NAME@VERSION or an alias")
-        return adapter_proto(await call(self.service.describe, req.ref))
+        self.api.auth.check_api(authorization)
+        return adapter_proto(await self.api.describe(req.ref))
 
     async def RegisterAdapter(self, req: pb.RegisterAdapterRequest, authorization: str | None) -> pb.AdapterInfo:
-        self.service.auth.check_admin(authorization)
-        return adapter_proto(await call(self.service.register, req.name, bytes(req.data), list(req.aliases)))
+        self.api.auth.check_admin(authorization)
+        return adapter_proto(await self.api.register(req.name, bytes(req.data), list(req.aliases), req.move_aliases))
 
     async def DeleteAdapter(self, req: pb.DeleteAdapterRequest, authorization: str | None) -> pb.DeleteAdapterResponse:
-        self.service.auth.check_admin(authorization)
-        return pb.DeleteAdapterResponse(deleted=await call(self.service.delete, req.ref))
+        self.api.auth.check_admin(authorization)
+        return pb.DeleteAdapterResponse(deleted=await self.api.delete(req.ref, req.all_versions))
+
+    async def PinAdapter(self, req: pb.DescribeAdapterRequest, authorization: str | None) -> pb.AdapterInfo:
+        self.api.auth.check_admin(authorization)
+        return adapter_proto(await self.api.pin(req.ref))
+
+    async def UnpinAdapter(self, req: pb.DescribeAdapterRequest, authorization: str | None) -> pb.AdapterInfo:
+        self.api.auth.check_admin(authorization)
+        return adapter_proto(await self.api.unpin(req.ref))
+
+    async def ListAliases(self, req: pb.ListAliasesRequest, authorization: str | None) -> pb.ListAliasesResponse:
+        self.api.auth.check_api(authorization)
+        return pb.ListAliasesResponse(aliases=await self.api.aliases())
+
+    async def SetAlias(self, req: pb.SetAliasRequest, authorization: str | None) -> pb.SetAliasResponse:
+        self.api.auth.check_admin(authorization)
+        return pb.SetAliasResponse(**await self.api.set_alias(req.alias, req.target))
+
+    async def RemoveAlias(self, req: pb.RemoveAliasRequest, authorization: str | None) -> pb.RemoveAliasResponse:
+        self.api.auth.check_admin(authorization)
+        await self.api.remove_alias(req.alias)
+        return pb.RemoveAliasResponse(removed=req.alias)
+
+    async def MergeAdapters(self, req: pb.MergeAdaptersRequest, authorization: str | None) -> pb.AdapterInfo:
+        self.api.auth.check_admin(authorization)
+        spec = MergeSpec(req.name, list(req.sources), req.method or "med-lego", _params(req.params_json),
+                         list(req.aliases), list(req.task_names) or None, req.move_aliases)
+        return adapter_proto(await self.api.merge(spec))
 
     async def Health(self, req: pb.HealthRequest, authorization: str | None) -> pb.HealthResponse:
-        h = await call(self.service.health)
-        return pb.HealthResponse(alive=True, ready=h["ready"], adapters=max(0, h["adapters"]), device=h["device"])
+        h = await self.api.health()
+        return pb.HealthResponse(alive=True, ready=h["ready"], adapters=max(0, h["adapters"]), device=h.get("device", ""))
+
+    async def Info(self, req: pb.InfoRequest, authorization: str | None) -> pb.InfoResponse:
+        self.api.auth.check_api(authorization)
+        return pb.InfoResponse(info_json=json.dumps(await self.api.info(), sort_keys=True, default=str))
 
 
-RPC_NAMES = tuple(m.name for m in pb.DESCRIPTOR.services_by_name["Medlego"].methods)
+class RpcMethods:
+    """One coroutine per RPC, over ``self.rpc``; a failure sets the call's code and details.
 
+    The same methods serve grpc.aio (``context`` is its ServicerContext) and Ray Serve's gRPC
+    proxy (which passes the ``grpc_context`` keyword): both honour a code set on the context.
+    """
 
-class MedlegoServicer(pb_grpc.MedlegoServicer):
-    """grpc.aio servicer: reads the bearer token from metadata, maps errors to status codes."""
+    rpc: MedlegoRPC
 
-    def __init__(self, rpc: MedlegoRPC):
-        self.rpc = rpc
-
-    async def _call(self, name: str, request, context: grpc.aio.ServicerContext):
+    async def _answer(self, name: str, request, context):
+        metadata = context.invocation_metadata() if context is not None else ()
         try:
-            return await getattr(self.rpc, name)(request, authorization_of(context.invocation_metadata()))
-        except MedlegoError as e:
-            await context.abort(grpc_code(e), str(e))
-        except Exception:
-            log.exception("internal error in %s", name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+            return await getattr(self.rpc, name)(request, authorization_of(metadata))
+        except Exception as e:
+            _, code, _ = answer_of(e)
+            if not isinstance(e, MedlegoError):
+                log.error("internal error in %s", name, exc_info=e)
+            if context is None:
+                raise
+            context.set_code(grpc.StatusCode[code])
+            context.set_details(str(e) if isinstance(e, MedlegoError) else "internal server error")
+            return _RESPONSE_TYPES[name]()
 
 
 def _bind(name: str):
-    async def method(self, request, context):
-        return await self._call(name, request, context)
+    async def method(self, request, grpc_context=None):
+        return await self._answer(name, request, grpc_context)
 
-    method.__name__ = name
+    method.__name__ = method.__qualname__ = name
     return method
 
 
 for _name in RPC_NAMES:
-    setattr(MedlegoServicer, _name, _bind(_name))
+    setattr(RpcMethods, _name, _bind(_name))
 
 
-def build_grpc_server(service: DiagnosisService, host: str, port: int) -> tuple[grpc.aio.Server, int, HealthServicer]:
+class MedlegoServicer(RpcMethods, pb_grpc.MedlegoServicer):
+    def __init__(self, rpc: MedlegoRPC):
+        self.rpc = rpc
+
+
+def build_grpc_server(api: DiagnosisAPI, host: str, port: int) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """A grpc.aio server (not started) with Medlego, health and reflection; returns (server, bound port, health)."""
-    limit = max(service.limits.max_body_bytes, service.limits.max_adapter_bytes + 1024 * 1024)
+    limit = max(api.limits.max_body_bytes, api.limits.max_adapter_bytes + 1024 * 1024)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit),
                                       ("grpc.so_reuseport", 0)])
-    pb_grpc.add_MedlegoServicer_to_server(MedlegoServicer(MedlegoRPC(service)), server)
+    pb_grpc.add_MedlegoServicer_to_server(MedlegoServicer(MedlegoRPC(api)), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

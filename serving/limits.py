@@ -1,4 +1,4 @@
-"""Request limits, and image decoding checked against them (format by content, size, dimensions).
+"""Request limits (:class:`medlego.runtime.config.Limits`) applied at the door.
 
 Every check raises a :class:`MedlegoError` with a one-line message, so a server answers 4xx
 (413 for something too large, 400 for something malformed), never 500.
@@ -8,73 +8,114 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+import json
+import re
 
 import numpy as np
 
-from medlego.runtime.errors import BadImageError, BadInputError, MedlegoError
+from medlego.runtime.config import Limits
+from medlego.runtime.errors import BadImageError, BadInputError, PayloadTooLargeError
 from medlego.runtime.imaging import decode_image, sniff_format
 
-
-class PayloadTooLargeError(MedlegoError):
-    """A request body, an image or an adapter upload above its configured limit."""
-
-    status = 413
+_DIGITS = re.compile(r"[0-9]{1,10}\Z")
 
 
-@dataclass
-class Limits:
-    max_body_bytes: int = 32 * 1024 * 1024  # a whole HTTP request / gRPC message
-    max_image_bytes: int = 16 * 1024 * 1024  # one encoded image
-    max_image_pixels: int = 40_000_000  # decoded width × height (decompression-bomb guard)
-    max_image_side: int = 16384  # decoded width or height
-    max_adapter_bytes: int = 64 * 1024 * 1024  # one adapter upload
-    max_batch_images: int = 64  # images in one batch request
-    max_top_k: int = 1000
-
-    def check_image_bytes(self, data: bytes) -> str:
-        """Size and magic bytes; returns the format ('png' | 'jpeg' | 'dicom')."""
-        if not data:
-            raise BadImageError("empty image: send the PNG, JPEG or DICOM file content")
-        if len(data) > self.max_image_bytes:
-            raise PayloadTooLargeError(f"image is {len(data)} bytes, above the limit of {self.max_image_bytes}")
-        fmt = sniff_format(data)
-        if fmt is None:
-            raise BadImageError("unsupported image format: expected PNG, JPEG or DICOM content (checked by content, not name)")
-        return fmt
-
-    def decode(self, data: bytes) -> np.ndarray:
-        """Encoded bytes → float32 [H, W] or [H, W, 3] in [0, 1], within every limit."""
-        self.check_image_bytes(data)
-        image = decode_image(data, max_pixels=self.max_image_pixels)
-        h, w = image.shape[:2]
-        if h < 1 or w < 1:
-            raise BadImageError(f"image has no pixels ({w}x{h})")
-        if max(h, w) > self.max_image_side:
-            raise BadImageError(f"image is {w}x{h}; the largest side allowed is {self.max_image_side} pixels")
-        return image
-
-    def check_top_k(self, top_k: int | None) -> int | None:
-        if top_k is None:
-            return None
-        if not 1 <= int(top_k) <= self.max_top_k:
-            raise BadInputError(f"top_k must be between 1 and {self.max_top_k}, got {top_k}")
-        return int(top_k)
-
-    def check_batch(self, n: int) -> None:
-        if n < 1:
-            raise BadInputError("a batch request needs at least one image")
-        if n > self.max_batch_images:
-            raise PayloadTooLargeError(f"{n} images in one batch; the limit is {self.max_batch_images}")
-
-    def check_adapter_bytes(self, data: bytes) -> None:
-        if not data:
-            raise BadInputError("empty adapter upload: send the .safetensors file content")
-        if len(data) > self.max_adapter_bytes:
-            raise PayloadTooLargeError(f"adapter upload is {len(data)} bytes, above the limit of {self.max_adapter_bytes}")
+def check_image_bytes(limits: Limits, data: bytes) -> str:
+    """Size and magic bytes; returns the format ('png' | 'jpeg' | 'dicom')."""
+    if not data:
+        raise BadImageError("empty image: send the PNG, JPEG or DICOM file content")
+    if len(data) > limits.max_image_bytes:
+        raise PayloadTooLargeError(f"image is {len(data)} bytes, above the limit of {limits.max_image_bytes}")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise BadImageError("unsupported image format: expected PNG, JPEG or DICOM content (checked by content, not name)")
+    return fmt
 
 
-def decode_base64(text: str, what: str = "image") -> bytes:
+def decode(limits: Limits, data: bytes, target_size: int | None = None) -> np.ndarray:
+    """Encoded bytes → float32 [H, W] or [H, W, 3] in [0, 1], within every limit; with target_size,
+    already resized to target_size × target_size (see decode_image)."""
+    check_image_bytes(limits, data)
+    image = decode_image(data, max_pixels=limits.max_image_pixels, max_side=limits.max_image_side,
+                         target_size=target_size, deadline_s=limits.decode_deadline_s)
+    h, w = image.shape[:2]
+    if h < 1 or w < 1:
+        raise BadImageError(f"image has no pixels ({w}x{h})")
+    if max(h, w) > limits.max_image_side:
+        raise BadImageError(f"image is {w}x{h}; the largest side allowed is {limits.max_image_side} pixels")
+    return image
+
+
+def check_top_k(limits: Limits, top_k) -> int | None:
+    """None, or an integer in [1, max_top_k] (a bool, float, huge or non-numeric value is a 400)."""
+    if top_k is None or top_k == "":
+        return None
+    if isinstance(top_k, str) and _DIGITS.match(top_k.strip()):
+        top_k = int(top_k.strip())
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise BadInputError(f"top_k must be an integer between 1 and {limits.max_top_k}, got {_short(top_k)}")
+    if not 1 <= top_k <= limits.max_top_k:
+        raise BadInputError(f"top_k must be between 1 and {limits.max_top_k}, got {_short(top_k)}")
+    return top_k
+
+
+def check_text(value, field: str, required: bool = False) -> str | None:
+    """A name-like request field: a string of printable UTF-8 (no lone surrogates), at most 256 characters."""
+    if value is None or value == "":
+        if required:
+            raise BadInputError(f"'{field}' is required")
+        return None
+    if not isinstance(value, str):
+        raise BadInputError(f"'{field}' must be a string, got {type(value).__name__}")
+    if len(value) > 256:
+        raise BadInputError(f"'{field}' is {len(value)} characters long; at most 256")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInputError(f"'{field}' is not valid UTF-8 text") from None
+    if not value.isprintable():
+        raise BadInputError(f"'{field}' contains control characters")
+    return value
+
+
+def check_batch(limits: Limits, n: int) -> None:
+    if n < 1:
+        raise BadInputError("a batch request needs at least one image")
+    if n > limits.max_batch_images:
+        raise PayloadTooLargeError(f"{n} images in one batch; the limit is {limits.max_batch_images}")
+
+
+def check_adapter_bytes(limits: Limits, data: bytes) -> None:
+    if not data:
+        raise BadInputError("empty adapter upload: send the .safetensors file content")
+    if len(data) > limits.max_adapter_bytes:
+        raise PayloadTooLargeError(f"adapter upload is {len(data)} bytes, above the limit of {limits.max_adapter_bytes}")
+
+
+def parse_json(raw: bytes):
+    """A JSON request body, refusing NaN/Infinity, integers of more than 18 digits and deep nesting (400)."""
+    def no_constant(name: str):
+        raise BadInputError(f"the JSON body contains {name}, which is not a number JSON allows")
+
+    def bounded_int(text: str) -> int:
+        if len(text.lstrip("-")) > 18:
+            raise BadInputError(f"the JSON body contains an integer of {len(text)} digits")
+        return int(text)
+
+    try:
+        return json.loads(raw or b"null", parse_constant=no_constant, parse_int=bounded_int)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInputError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # the C parser recurses per nesting level and stops at the interpreter's limit
+        raise BadInputError("the JSON body is nested too deeply") from None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def decode_base64(text, what: str = "image") -> bytes:
     """Standard or URL-safe base64 (a data: URL prefix is accepted) → bytes, or a 400."""
     if not isinstance(text, str) or not text:
         raise BadInputError(f"'{what}' must be a non-empty base64 string")

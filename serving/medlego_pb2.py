@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmedlego/serving/medlego.proto\x12\nmedlego.v1\"N\n\x0f\x44iagnoseRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\r\n\x05top_k\x18\x04 \x01(\r\"+\n\x05Label\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\"\x88\x03\n\x10\x44iagnoseResponse\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x12\n\nmultilabel\x18\x05 \x01(\x08\x12\x46\n\rprobabilities\x18\x06 \x03(\x0b\x32/.medlego.v1.DiagnoseResponse.ProbabilitiesEntry\x12\x1e\n\x03top\x18\x07 \x03(\x0b\x32\x11.medlego.v1.Label\x12?\n\ntimings_ms\x18\x08 \x03(\x0b\x32+.medlego.v1.DiagnoseResponse.TimingsMsEntry\x12\x0f\n\x07replica\x18\t \x01(\t\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"B\n\x14\x44iagnoseBatchRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.medlego.v1.DiagnoseRequest\"F\n\x15\x44iagnoseBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.medlego.v1.DiagnoseResponse\"\x15\n\x13ListAdaptersRequest\"8\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x12\n\nmultilabel\x18\x03 \x01(\x08\"\xd3\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x06 \x01(\t\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x1f\n\x05tasks\x18\x08 \x03(\x0b\x32\x10.medlego.v1.Task\x12\x0f\n\x07\x61liases\x18\t \x03(\t\x12\x10\n\x08max_rank\x18\n \x01(\r\x12\x15\n\rmetadata_json\x18\x0b \x01(\t\"\xb1\x01\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.medlego.v1.AdapterInfo\x12>\n\x07\x61liases\x18\x02 \x03(\x0b\x32-.medlego.v1.ListAdaptersResponse.AliasesEntry\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x16\x44\x65scribeAdapterRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"E\n\x16RegisterAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\"#\n\x14\x44\x65leteAdapterRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"(\n\x15\x44\x65leteAdapterResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\t\"\x0f\n\rHealthRequest\"P\n\x0eHealthResponse\x12\r\n\x05\x61live\x18\x01 \x01(\x08\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x10\n\x08\x61\x64\x61pters\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t2\xb0\x04\n\x07Medlego\x12\x45\n\x08\x44iagnose\x12\x1b.medlego.v1.DiagnoseRequest\x1a\x1c.medlego.v1.DiagnoseResponse\x12T\n\rDiagnoseBatch\x12 .medlego.v1.DiagnoseBatchRequest\x1a!.medlego.v1.DiagnoseBatchResponse\x12Q\n\x0cListAdapters\x12\x1f.medlego.v1.ListAdaptersRequest\x1a .medlego.v1.ListAdaptersResponse\x12N\n\x0f\x44\x65scribeAdapter\x12\".medlego.v1.DescribeAdapterRequest\x1a\x17.medlego.v1.AdapterInfo\x12N\n\x0fRegisterAdapter\x12\".medlego.v1.RegisterAdapterRequest\x1a\x17.medlego.v1.AdapterInfo\x12T\n\rDeleteAdapter\x12 .medlego.v1.DeleteAdapterRequest\x1a!.medlego.v1.DeleteAdapterResponse\x12?\n\x06Health\x12\x19.medlego.v1.HealthRequest\x1a\x1a.medlego.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmedlego/serving/medlego.proto\x12\nmedlego.v1\"N\n\x0f\x44iagnoseRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\r\n\x05top_k\x18\x04 \x01(\r\"+\n\x05Label\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\"\x88\x03\n\x10\x44iagnoseResponse\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12\x12\n\nmultilabel\x18\x05 \x01(\x08\x12\x46\n\rprobabilities\x18\x06 \x03(\x0b\x32/.medlego.v1.DiagnoseResponse.ProbabilitiesEntry\x12\x1e\n\x03top\x18\x07 \x03(\x0b\x32\x11.medlego.v1.Label\x12?\n\ntimings_ms\x18\x08 \x03(\x0b\x32+.medlego.v1.DiagnoseResponse.TimingsMsEntry\x12\x0f\n\x07replica\x18\t \x01(\t\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"B\n\x14\x44iagnoseBatchRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.medlego.v1.DiagnoseRequest\"F\n\x15\x44iagnoseBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.medlego.v1.DiagnoseResponse\"\x15\n\x13ListAdaptersRequest\"8\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x12\n\nmultilabel\x18\x03 \x01(\x08\"\xd3\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0b\n\x03ref\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x06 \x01(\t\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x1f\n\x05tasks\x18\x08 \x03(\x0b\x32\x10.medlego.v1.Task\x12\x0f\n\x07\x61liases\x18\t \x03(\t\x12\x10\n\x08max_rank\x18\n \x01(\r\x12\x15\n\rmetadata_json\x18\x0b \x01(\t\"\xb1\x01\n\x14ListAdaptersResponse\x12)\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x17.medlego.v1.AdapterInfo\x12>\n\x07\x61liases\x18\x02 \x03(\x0b\x32-.medlego.v1.ListAdaptersResponse.AliasesEntry\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x16\x44\x65scribeAdapterRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"[\n\x16RegisterAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\x12\x14\n\x0cmove_aliases\x18\x04 \x01(\x08\"9\n\x14\x44\x65leteAdapterRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x14\n\x0c\x61ll_versions\x18\x02 \x01(\x08\"(\n\x15\x44\x65leteAdapterResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x03(\t\"\x0f\n\rHealthRequest\"P\n\x0eHealthResponse\x12\r\n\x05\x61live\x18\x01 \x01(\x08\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x10\n\x08\x61\x64\x61pters\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\"\x14\n\x12ListAliasesRequest\"\x84\x01\n\x13ListAliasesResponse\x12=\n\x07\x61liases\x18\x01 \x03(\x0b\x32,.medlego.v1.ListAliasesResponse.AliasesEntry\x1a.\n\x0c\x41liasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\x0fSetAliasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\"F\n\x10SetAliasResponse\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x13\n\x0bresolves_to\x18\x03 \x01(\t\"#\n\x12RemoveAliasRequest\x12\r\n\x05\x61lias\x18\x01 \x01(\t\"&\n\x13RemoveAliasResponse\x12\x0f\n\x07removed\x18\x01 \x01(\t\"\x95\x01\n\x14MergeAdaptersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x13\n\x0bparams_json\x18\x04 \x01(\t\x12\x0f\n\x07\x61liases\x18\x05 \x03(\t\x12\x12\n\ntask_names\x18\x06 \x03(\t\x12\x14\n\x0cmove_aliases\x18\x07 \x01(\x08\"\r\n\x0bInfoRequest\"!\n\x0cInfoResponse\x12\x11\n\tinfo_json\x18\x01 \x01(\t2\xb6\x08\n\x07Medlego\x12\x45\n\x08\x44iagnose\x12\x1b.medlego.v1.DiagnoseRequest\x1a\x1c.medlego.v1.DiagnoseResponse\x12T\n\rDiagnoseBatch\x12 .medlego.v1.DiagnoseBatchRequest\x1a!.medlego.v1.DiagnoseBatchResponse\x12Q\n\x0cListAdapters\x12\x1f.medlego.v1.ListAdaptersRequest\x1a .medlego.v1.ListAdaptersResponse\x12N\n\x0f\x44\x65scribeAdapter\x12\".medlego.v1.DescribeAdapterRequest\x1a\x17.medlego.v1.AdapterInfo\x12N\n\x0fRegisterAdapter\x12\".medlego.v1.RegisterAdapterRequest\x1a\x17.medlego.v1.AdapterInfo\x12T\n\rDeleteAdapter\x12 .medlego.v1.DeleteAdapterRequest\x1a!.medlego.v1.DeleteAdapterResponse\x12?\n\x06Health\x12\x19.medlego.v1.HealthRequest\x1a\x1a.medlego.v1.HealthResponse\x12I\n\nPinAdapter\x12\".medlego.v1.DescribeAdapterRequest\x1a\x17.medlego.v1.AdapterInfo\x12K\n\x0cUnpinAdapter\x12\".medlego.v1.DescribeAdapterRequest\x1a\x17.medlego.v1.AdapterInfo\x12N\n\x0bListAliases\x12\x1e.medlego.v1.ListAliasesRequest\x1a\x1f.medlego.v1.ListAliasesResponse\x12\x45\n\x08SetAlias\x12\x1b.medlego.v1.SetAliasRequest\x1a\x1c.medlego.v1.SetAliasResponse\x12N\n\x0bRemoveAlias\x12\x1e.medlego.v1.RemoveAliasRequest\x1a\x1f.medlego.v1.RemoveAliasResponse\x12J\n\rMergeAdapters\x12 .medlego.v1.MergeAdaptersRequest\x1a\x17.medlego.v1.AdapterInfo\x12\x39\n\x04Info\x12\x17.medlego.v1.InfoRequest\x1a\x18.medlego.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DIAGNOSERESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_LISTADAPTERSRESPONSE_ALIASESENTRY']._loaded_options = None
   _globals['_LISTADAPTERSRESPONSE_ALIASESENTRY']._serialized_options = b'8\001'
+  _globals['_LISTALIASESRESPONSE_ALIASESENTRY']._loaded_options = None
+  _globals['_LISTALIASESRESPONSE_ALIASESENTRY']._serialized_options = b'8\001'
   _globals['_DIAGNOSEREQUEST']._serialized_start=45
   _globals['_DIAGNOSEREQUEST']._serialized_end=123
   _globals['_LABEL']._serialized_start=125
@@ -64,15 +66,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEADAPTERREQUEST']._serialized_start=1180
   _globals['_DESCRIBEADAPTERREQUEST']._serialized_end=1217
   _globals['_REGISTERADAPTERREQUEST']._serialized_start=1219
-  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1288
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1290
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1325
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1327
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1367
-  _globals['_HEALTHREQUEST']._serialized_start=1369
-  _globals['_HEALTHREQUEST']._serialized_end=1384
-  _globals['_HEALTHRESPONSE']._serialized_start=1386
-  _globals['_HEALTHRESPONSE']._serialized_end=1466
-  _globals['_MEDLEGO']._serialized_start=1469
-  _globals['_MEDLEGO']._serialized_end=2029
+  _globals['_REGISTERADAPTERREQUEST']._serialized_end=1310
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1312
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1369
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1371
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1411
+  _globals['_HEALTHREQUEST']._serialized_start=1413
+  _globals['_HEALTHREQUEST']._serialized_end=1428
+  _globals['_HEALTHRESPONSE']._serialized_start=1430
+  _globals['_HEALTHRESPONSE']._serialized_end=1510
+  _globals['_LISTALIASESREQUEST']._serialized_start=1512
+  _globals['_LISTALIASESREQUEST']._serialized_end=1532
+  _globals['_LISTALIASESRESPONSE']._serialized_start=1535
+  _globals['_LISTALIASESRESPONSE']._serialized_end=1667
+  _globals['_LISTALIASESRESPONSE_ALIASESENTRY']._serialized_start=1132
+  _globals['_LISTALIASESRESPONSE_ALIASESENTRY']._serialized_end=1178
+  _globals['_SETALIASREQUEST']._serialized_start=1669
+  _globals['_SETALIASREQUEST']._serialized_end=1717
+  _globals['_SETALIASRESPONSE']._serialized_start=1719
+  _globals['_SETALIASRESPONSE']._serialized_end=1789
+  _globals['_REMOVEALIASREQUEST']._serialized_start=1791
+  _globals['_REMOVEALIASREQUEST']._serialized_end=1826
+  _globals['_REMOVEALIASRESPONSE']._serialized_start=1828
+  _globals['_REMOVEALIASRESPONSE']._serialized_end=1866
+  _globals['_MERGEADAPTERSREQUEST']._serialized_start=1869
+  _globals['_MERGEADAPTERSREQUEST']._serialized_end=2018
+  _globals['_INFOREQUEST']._serialized_start=2020
+  _globals['_INFOREQUEST']._serialized_end=2033
+  _globals['_INFORESPONSE']._serialized_start=2035
+  _globals['_INFORESPONSE']._serialized_end=2068
+  _globals['_MEDLEGO']._serialized_start=2071
+  _globals['_MEDLEGO']._serialized_end=3149
 # @@protoc_insertion_point(module_scope)

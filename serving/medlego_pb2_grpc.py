@@ -69,6 +69,41 @@ class MedlegoStub:
                 request_serializer=medlego_dot_serving_dot_medlego__pb2.HealthRequest.SerializeToString,
                 response_deserializer=medlego_dot_serving_dot_medlego__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.PinAdapter = channel.unary_unary(
+                '/medlego.v1.Medlego/PinAdapter',
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.DescribeAdapterRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.UnpinAdapter = channel.unary_unary(
+                '/medlego.v1.Medlego/UnpinAdapter',
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.DescribeAdapterRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.ListAliases = channel.unary_unary(
+                '/medlego.v1.Medlego/ListAliases',
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.ListAliasesRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.ListAliasesResponse.FromString,
+                _registered_method=True)
+        self.SetAlias = channel.unary_unary(
+                '/medlego.v1.Medlego/SetAlias',
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.SetAliasRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.SetAliasResponse.FromString,
+                _registered_method=True)
+        self.RemoveAlias = channel.unary_unary(
+                '/medlego.v1.Medlego/RemoveAlias',
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.RemoveAliasRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.RemoveAliasResponse.FromString,
+                _registered_method=True)
+        self.MergeAdapters = channel.unary_unary(
+                '/medlego.v1.Medlego/MergeAdapters',
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.MergeAdaptersRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/medlego.v1.Medlego/Info',
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.InfoRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.InfoResponse.FromString,
+                _registered_method=True)
 
 
 class MedlegoServicer:
@@ -119,6 +154,52 @@ class MedlegoServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PinAdapter(self, request, context):
+        """Pinned adapters stay on the device and cannot be deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlias(self, request, context):
+        """Point an alias at name@version (or at a bare name: follow its latest version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveAlias(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeAdapters(self, request, context):
+        """Merge registered adapters (Med-LEGO by default) and register the result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Info(self, request, context):
+        """The resident base, device, kernel and pool, as JSON.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MedlegoServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +237,41 @@ def add_MedlegoServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=medlego_dot_serving_dot_medlego__pb2.HealthRequest.FromString,
                     response_serializer=medlego_dot_serving_dot_medlego__pb2.HealthResponse.SerializeToString,
+            ),
+            'PinAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinAdapter,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.DescribeAdapterRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.AdapterInfo.SerializeToString,
+            ),
+            'UnpinAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinAdapter,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.DescribeAdapterRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.AdapterInfo.SerializeToString,
+            ),
+            'ListAliases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliases,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.ListAliasesRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.ListAliasesResponse.SerializeToString,
+            ),
+            'SetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlias,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.SetAliasRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.SetAliasResponse.SerializeToString,
+            ),
+            'RemoveAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAlias,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.RemoveAliasRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.RemoveAliasResponse.SerializeToString,
+            ),
+            'MergeAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapters,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.MergeAdaptersRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.AdapterInfo.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.InfoRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.InfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +463,195 @@ class Medlego:
             '/medlego.v1.Medlego/Health',
             medlego_dot_serving_dot_medlego__pb2.HealthRequest.SerializeToString,
             medlego_dot_serving_dot_medlego__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medlego.v1.Medlego/PinAdapter',
+            medlego_dot_serving_dot_medlego__pb2.DescribeAdapterRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medlego.v1.Medlego/UnpinAdapter',
+            medlego_dot_serving_dot_medlego__pb2.DescribeAdapterRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medlego.v1.Medlego/ListAliases',
+            medlego_dot_serving_dot_medlego__pb2.ListAliasesRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.ListAliasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medlego.v1.Medlego/SetAlias',
+            medlego_dot_serving_dot_medlego__pb2.SetAliasRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.SetAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medlego.v1.Medlego/RemoveAlias',
+            medlego_dot_serving_dot_medlego__pb2.RemoveAliasRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.RemoveAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medlego.v1.Medlego/MergeAdapters',
+            medlego_dot_serving_dot_medlego__pb2.MergeAdaptersRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medlego.v1.Medlego/Info',
+            medlego_dot_serving_dot_medlego__pb2.InfoRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,6 +15,7 @@ Exported (all prefixed ``medlego_``):
     pool_hit_ratio{tier}, pool_resident_adapters{tier}, pool_resident_bytes{tier}, pool_device_slots
     registry_adapters                             registered adapter versions
     queue_depth, inflight_requests, ready
+    connections_refused_total{reason}             HTTP connections the guard closed (see serving/http_guard.py)
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ HELP = {
     "load_seconds": "Time to load an adapter from disk into host memory",
     "queue_depth": "Requests waiting in the batcher",
     "inflight_requests": "Diagnosis requests admitted and not yet answered",
+    "connections_refused": "HTTP connections closed by the server's guard, by reason (cap, evicted_idle, "
+                           "header_timeout, body_timeout)",
+    "multiplex_requests": "Ray mode: requests by whether the replica already held their adapter",
 }
 
 
@@ -57,8 +61,8 @@ class CountersCollector:
     def collect(self):
         engine = self.service.engine
         snap = engine.counters.snapshot()
-        yield from _counter_families(snap["counters"])
-        yield from _gauge_families(snap["gauges"])
+        yield from _families(CounterMetricFamily, snap["counters"])
+        yield from _families(GaugeMetricFamily, snap["gauges"])
         yield from _histogram_families(snap["observations"])
         yield from _pool_families(engine, snap["counters"])
         g = GaugeMetricFamily(PREFIX + "registry_adapters", "Registered adapter versions")
@@ -86,8 +90,8 @@ class CountersOnlyCollector:
 
     def collect(self):
         snap = self.counters.snapshot()
-        yield from _counter_families(snap["counters"])
-        yield from _gauge_families(snap["gauges"])
+        yield from _families(CounterMetricFamily, snap["counters"])
+        yield from _families(GaugeMetricFamily, snap["gauges"])
         yield from _histogram_families(snap["observations"])
 
 
@@ -102,19 +106,11 @@ def _label_names(rows) -> list[str]:
     return sorted({k for labels, _ in rows for k in labels})
 
 
-def _counter_families(counters: dict):
-    for name, rows in _grouped(counters).items():
+def _families(family_cls, values: dict):
+    """One counter or gauge family per name, with every label set seen for it."""
+    for name, rows in _grouped(values).items():
         keys = _label_names(rows)
-        fam = CounterMetricFamily(PREFIX + name, HELP.get(name, name), labels=keys)
-        for labels, value in rows:
-            fam.add_metric([str(labels.get(k, "")) for k in keys], float(value))
-        yield fam
-
-
-def _gauge_families(gauges: dict):
-    for name, rows in _grouped(gauges).items():
-        keys = _label_names(rows)
-        fam = GaugeMetricFamily(PREFIX + name, HELP.get(name, name), labels=keys)
+        fam = family_cls(PREFIX + name, HELP.get(name, name), labels=keys)
         for labels, value in rows:
             fam.add_metric([str(labels.get(k, "")) for k in keys], float(value))
         yield fam
@@ -136,7 +132,7 @@ def _bound(b) -> str:
 
 
 def _pool_families(engine, counters: dict):
-    stats = engine.pool.stats()
+    stats = engine.pool_stats()
     resident = GaugeMetricFamily(PREFIX + "pool_resident_adapters", "Adapters resident in a pool tier", labels=["tier"])
     resident.add_metric(["device"], stats["device_resident"])
     resident.add_metric(["host"], stats["host_resident"])

@@ -15,7 +15,14 @@ Two deployments:
   resolves each request's adapter to ``name@version`` in the shared registry (a 404 costs no
   replica call) and calls the replicas with that as the multiplexed model id, so clients need
   no routing header. Admin writes go to a replica (it validates uploads against its resident
-  base); every replica reads the same registry directory, so a registration is live everywhere.
+  base); every replica reads the same registry, so a registration is live everywhere.
+
+A fleet: the registry is a PostgreSQL index + an S3 store (``registry_url``, ``registry_store``),
+and every replica reads objects through its node-local cache (``registry_cache_dir``). A
+``{node}`` in the cache dir is replaced, in each process, by its Ray node id, so nodes that share
+a filesystem (two nodes on one machine, an NFS home) still keep one cache each. Replicas scale
+with Ray's autoscaling (``autoscaling``) and can be placed by custom resources
+(``replica_resources``); see :func:`app_builder` and ``serving/ray_config.yaml``.
 
 Answers carry ``replica`` and ``multiplex_hit`` (whether the adapter was already loaded on the
 replica that answered). Engine counters are mirrored into Ray's metrics (``ray_medlego_*``).
@@ -27,38 +34,55 @@ import asyncio
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from ray import serve
 
-from medlego.runtime import errors as runtime_errors
+from medlego.runtime.config import ServeConfig, ServerConfig, config_from_dict, config_to_dict
 from medlego.runtime.counters import Counters
-from medlego.runtime.errors import BadInputError, MedlegoError
+from medlego.runtime.errors import BadInputError, MedlegoError, error_class
+from medlego.runtime.registry import Registry
 
-from . import auth as auth_module
-from . import limits as limits_module
-from .config import ServeConfig, build_service, config_from_dict, config_to_dict
-from .metrics import CountersOnlyCollector
-from .service import DiagnoseItem, outcome_of
+from . import limits as checks
+from .auth import Auth
+from .contract import ADMIN_OPERATIONS, DiagnoseItem, MergeSpec, item_error
+from .grpc_service import MedlegoRPC, RpcMethods
+from .metrics import CountersOnlyCollector, render
+from .service import DiagnosisService, RegistryReads, outcome_of
 
 log = logging.getLogger("medlego.serving")
 
 APP_NAME = "medlego"
 GRPC_SERVICER = "medlego.serving.medlego_pb2_grpc.add_MedlegoServicer_to_server"
+NODE_PLACEHOLDER = "{node}"
+
+
+def on_this_node(cfg: ServeConfig) -> ServeConfig:
+    """`cfg` with ``{node}`` in the registry's cache dir replaced by this process's Ray node id.
+
+    Objects are cached per node; nodes that share a filesystem would otherwise share (and evict
+    from) one cache folder, and a node could not tell what it holds itself."""
+    cache = cfg.registry.cache_dir
+    if cache and NODE_PLACEHOLDER in cache:
+        import ray
+
+        cfg.registry.cache_dir = cache.replace(NODE_PLACEHOLDER, ray.get_runtime_context().get_node_id())
+    return cfg
 
 
 # -- errors across the actor boundary: plain records, not pickled exceptions with tracebacks ------
-def error_record(e: MedlegoError) -> dict:
-    return {"error": {"type": type(e).__name__, "status": e.status, "message": str(e)}}
+def error_record(e: MedlegoError, replica: str = "") -> dict:
+    """`replica`: who refused (kept for logs and tests; the client's answer is the error alone)."""
+    return {"error": {"type": type(e).__name__, "status": e.status, "grpc_code": e.grpc_code,
+                      "outcome": e.outcome, "message": str(e), "replica": replica}}
 
 
 def raise_record(record: dict):
     err = record["error"]
-    for module in (runtime_errors, auth_module, limits_module):
-        cls = getattr(module, err["type"], None)
-        if isinstance(cls, type) and issubclass(cls, MedlegoError):
-            raise cls(err["message"])
-    generic = type(err["type"], (MedlegoError,), {"status": err["status"]})
-    raise generic(err["message"])
+    cls = error_class(err["type"])
+    if cls is None:  # a class this process does not know (another version): keep its answer
+        cls = type(err["type"], (MedlegoError,), {"answer": (err["status"], err["grpc_code"], err["outcome"])})
+    raise cls(err["message"])
 
 
 def unwrap(result):
@@ -155,10 +179,12 @@ class MedlegoReplica:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        cfg = config_from_dict(config)
-        ctx = serve.get_replica_context()
-        self.replica_id = ctx.replica_id.unique_id
-        self.service = build_service(cfg, replica=self.replica_id)
+        import ray
+
+        cfg = on_this_node(config_from_dict(config))
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.node = {"node_id": ray.get_runtime_context().get_node_id(), "cache_dir": cfg.registry.cache_dir}
+        self.service = DiagnosisService.from_config(cfg, replica=self.replica_id)
         self.service.warmup()
         self._held: set[str] = set()
         self.requests = 0
@@ -184,33 +210,29 @@ class MedlegoReplica:
         try:
             if model_id:
                 await self.adapter(model_id)
-            d = await self.service.diagnose(DiagnoseItem(**item), api=api)
+            out = await self.service.diagnose(DiagnoseItem(**item), api=api)
         except MedlegoError as e:
-            return error_record(e)
+            return error_record(e, self.replica_id)
         self.requests += 1
         self.hits += hit
         self.service.engine.counters.inc("multiplex_requests", hit=str(hit).lower())
-        out = self.service.diagnosis_json(d)
         out["multiplex_hit"] = hit
         return out
 
     async def admin(self, op: str, *args):
-        allowed = {"register", "delete", "pin", "unpin", "set_alias", "remove_alias", "merge"}
-        if op not in allowed:
-            return error_record(BadInputError(f"unknown admin operation '{op}'"))
+        if op not in ADMIN_OPERATIONS:
+            return error_record(BadInputError(f"unknown admin operation '{op}'"), self.replica_id)
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, lambda: getattr(self.service, op)(*args))
+            return await getattr(self.service, op)(*args)
         except MedlegoError as e:
-            return error_record(e)
+            return error_record(e, self.replica_id)
 
-    def health(self) -> dict:
+    async def health(self) -> dict:
         self.bridge.sync()  # also proves the Ray metrics path works
-        return {**self.service.info(), "multiplex": {"requests": self.requests, "hits": self.hits,
-                                                     "held": sorted(self._held)},
+        return {**await self.service.info(), "multiplex": {"requests": self.requests, "hits": self.hits,
+                                                           "held": sorted(self._held)},
+                "node": self.node,
                 "ray_metrics": {"syncs": self.bridge.syncs, "last_error": self.bridge.last_error}}
-
-    def metrics_text(self) -> bytes:
-        return self.service.metrics_text()
 
     def check_health(self) -> None:
         if not self.service.ready:
@@ -218,35 +240,30 @@ class MedlegoReplica:
 
 
 # -- the ingress --------------------------------------------------------------------------------------
-class RayFrontend:
-    """What create_app and MedlegoRPC call, backed by the replica deployment (see DiagnosisService)."""
+class RayFrontend(RegistryReads):
+    """The serving contract backed by the replica deployment: reads from the shared registry, the rest on replicas."""
 
     def __init__(self, replicas, cfg: ServeConfig):
-        from medlego.runtime.registry import Registry
+        from prometheus_client import CollectorRegistry
 
         self.replicas = replicas
         self.limits = cfg.limits
-        self.auth = cfg.auth
-        self.registry = Registry(cfg.data_dir)  # reads only; writes are validated by a replica
+        self.auth = Auth.from_config(cfg.auth)
+        # reads only; writes are validated by a replica, which holds the base
+        self.registry = Registry(cfg.data_dir, **on_this_node(cfg).registry.registry_kwargs())
         self.counters = Counters()
-        from prometheus_client import CollectorRegistry
-
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(CountersOnlyCollector(self.counters))
         self.bridge = RayMetricsBridge(self.counters)
 
-    def diagnosis_json(self, d: dict) -> dict:
-        return d
-
-    async def _resolve(self, ref: str) -> str:
-        if not ref:
-            raise BadInputError("'adapter' is required: a registered name, name@version or alias")
-        return self.registry.resolve(ref).ref  # one indexed SQLite read on this thread's open connection (~0.03 ms)
-
     async def diagnose(self, item: DiagnoseItem, api: str = "rest") -> dict:
         t0 = time.perf_counter()
         try:
-            model_id = await self._resolve(item.adapter)
+            ref = checks.check_text(item.adapter, "adapter")
+            if ref is None:
+                raise BadInputError("'adapter' is required: a registered name, name@version or alias")
+            # the routing key is the resolved name@version: one indexed read of the shared registry
+            model_id = (await asyncio.get_running_loop().run_in_executor(None, self.registry.resolve, ref)).ref
             handle = self.replicas.options(multiplexed_model_id=model_id)
             fields = {"image": item.image, "adapter": model_id, "task": item.task, "top_k": item.top_k}
             out = unwrap(await handle.diagnose.remote(fields, api))
@@ -259,50 +276,39 @@ class RayFrontend:
         return out
 
     async def diagnose_many(self, items: list[DiagnoseItem], api: str = "rest") -> list[dict]:
-        self.limits.check_batch(len(items))
+        checks.check_batch(self.limits, len(items))
         results = await asyncio.gather(*[self.diagnose(it, api) for it in items], return_exceptions=True)
         for n, r in enumerate(results):
-            if isinstance(r, MedlegoError):
-                raise type(r)(f"image {n}: {r}") from None
             if isinstance(r, BaseException):
-                raise r
-        return results
+                raise item_error(n, len(items), r) from None
+        return results  # type: ignore[return-value]
 
-    # reads: straight from the shared registry
-    def list_adapters(self) -> dict:
-        return {"adapters": [e.to_json() for e in self.registry.list()], "aliases": self.registry.aliases()}
-
-    def describe(self, ref: str) -> dict:
-        return self.registry.describe(ref)
-
-    def aliases(self) -> dict:
-        return self.registry.aliases()
-
-    # writes: on a replica
+    # writes: on a replica (it validates uploads against its resident base)
     async def _admin(self, op: str, *args):
+        assert op in ADMIN_OPERATIONS
         return unwrap(await self.replicas.admin.remote(op, *args))
 
-    async def register(self, name, data, aliases=()):
-        self.limits.check_adapter_bytes(data)
-        return await self._admin("register", name, data, list(aliases))
+    async def register(self, name: str, data: bytes, aliases: list[str], move_aliases: bool = False) -> dict:
+        checks.check_adapter_bytes(self.limits, data)
+        return await self._admin("register", name, data, list(aliases), move_aliases)
 
-    async def delete(self, ref, all_versions=False):
+    async def delete(self, ref: str, all_versions: bool = False) -> list[str]:
         return await self._admin("delete", ref, all_versions)
 
-    async def pin(self, ref):
+    async def pin(self, ref: str) -> dict:
         return await self._admin("pin", ref)
 
-    async def unpin(self, ref):
+    async def unpin(self, ref: str) -> dict:
         return await self._admin("unpin", ref)
 
-    async def set_alias(self, alias, target):
+    async def set_alias(self, alias: str, target: str) -> dict:
         return await self._admin("set_alias", alias, target)
 
-    async def remove_alias(self, alias):
-        return await self._admin("remove_alias", alias)
+    async def remove_alias(self, alias: str) -> None:
+        await self._admin("remove_alias", alias)
 
-    async def merge(self, name, sources, method="med-lego", params=None, aliases=(), task_names=None):
-        return await self._admin("merge", name, sources, method, params, list(aliases), task_names)
+    async def merge(self, spec: MergeSpec) -> dict:
+        return await self._admin("merge", spec)
 
     async def health(self) -> dict:
         try:
@@ -315,9 +321,7 @@ class RayFrontend:
     async def info(self) -> dict:
         return await self.replicas.health.remote()
 
-    def metrics_text(self) -> bytes:
-        from .metrics import render
-
+    async def metrics_text(self) -> bytes:
         note = (b"# Ray mode: these are the ingress's request counters; engine, pool and batch metrics of\n"
                 b"# every replica are exported through Ray's metrics endpoint as ray_medlego_*.\n")
         return note + render(self.metrics)
@@ -325,10 +329,10 @@ class RayFrontend:
 
 @serve.deployment(name="MedlegoIngress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
-class MedlegoIngress:
-    def __init__(self, replicas, config: dict):
-        from .grpc_service import MedlegoRPC
+class MedlegoIngress(RpcMethods):
+    """The REST app over HTTP, and the gRPC methods (by RPC name) for Ray Serve's gRPC proxy."""
 
+    def __init__(self, replicas, config: dict):
         self.frontend = RayFrontend(replicas, config_from_dict(config))
         self.rpc = MedlegoRPC(self.frontend)
 
@@ -337,88 +341,122 @@ class MedlegoIngress:
 
         return create_app(self.frontend, title="medlego (Ray Serve)")
 
-    async def _grpc(self, name: str, request, grpc_context):
-        from .grpc_service import authorization_of, grpc_code
-
-        try:
-            metadata = grpc_context.invocation_metadata() if grpc_context is not None else ()
-            return await getattr(self.rpc, name)(request, authorization_of(metadata))
-        except MedlegoError as e:
-            if grpc_context is not None:
-                grpc_context.set_code(grpc_code(e))
-                grpc_context.set_details(str(e))
-            raise
-
-    # Ray's gRPC proxy calls these by the RPC's name
-    async def Diagnose(self, request, grpc_context=None):
-        return await self._grpc("Diagnose", request, grpc_context)
-
-    async def DiagnoseBatch(self, request, grpc_context=None):
-        return await self._grpc("DiagnoseBatch", request, grpc_context)
-
-    async def ListAdapters(self, request, grpc_context=None):
-        return await self._grpc("ListAdapters", request, grpc_context)
-
-    async def DescribeAdapter(self, request, grpc_context=None):
-        return await self._grpc("DescribeAdapter", request, grpc_context)
-
-    async def RegisterAdapter(self, request, grpc_context=None):
-        return await self._grpc("RegisterAdapter", request, grpc_context)
-
-    async def DeleteAdapter(self, request, grpc_context=None):
-        return await self._grpc("DeleteAdapter", request, grpc_context)
-
-    async def Health(self, request, grpc_context=None):
-        return await self._grpc("Health", request, grpc_context)
-
 
 # -- building and running -------------------------------------------------------------------------------
-def build_app(cfg: ServeConfig, *, replicas: int = 1, replica_cpus: float = 1.0, replica_gpus: float = 0.0,
-              torch_threads: int | None = None):
-    """The Ray Serve application: ingress → N engine replicas."""
+@dataclass
+class ReplicaShape:
+    """How many engine replicas there are and where they may run (the replica deployment's options)."""
+
+    replicas: int = 1  # fixed count; ignored when autoscaling is set
+    autoscaling: dict | None = None  # Ray's autoscaling_config: min_replicas, max_replicas, target_ongoing_requests…
+    cpus: float = 1.0  # per replica; Ray sets the replica's OMP_NUM_THREADS from it
+    gpus: float = 0.0
+    resources: dict | None = None  # custom resources per replica: replicas go only to nodes that offer them
+    torch_threads: int | None = None  # engine threads per replica (None: what Ray's OMP_NUM_THREADS gives)
+
+    def options(self) -> dict:
+        """The keyword arguments of ``MedlegoReplica.options``."""
+        actor = {"num_cpus": self.cpus, "num_gpus": self.gpus, **({"resources": dict(self.resources)}
+                                                                  if self.resources else {})}
+        count = {"autoscaling_config": dict(self.autoscaling)} if self.autoscaling else {"num_replicas": self.replicas}
+        return {**count, "ray_actor_options": actor}
+
+
+def build_app(cfg: ServeConfig, shape: ReplicaShape | None = None):
+    """The Ray Serve application: ingress → engine replicas shaped by `shape`."""
+    shape = shape or ReplicaShape()
     config = config_to_dict(cfg)
-    replica = MedlegoReplica.options(
-        num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus})
-    return MedlegoIngress.bind(replica.bind(config, torch_threads), config)
+    return MedlegoIngress.bind(_replica_deployment(shape).bind(config, shape.torch_threads), config)
+
+
+def _replica_deployment(shape: ReplicaShape):
+    """MedlegoReplica with `shape`'s options; Ray's validation errors (pydantic's, many lines) as one line."""
+    from pydantic import ValidationError
+    from ray.serve.config import AutoscalingConfig
+
+    # Ray ignores unknown autoscaling keys: a typo would silently keep the defaults
+    unknown = sorted(set(shape.autoscaling or {}) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise BadInputError(f"unknown autoscaling setting(s) {unknown}; known: {sorted(AutoscalingConfig.model_fields)}")
+    try:
+        return MedlegoReplica.options(**shape.options())
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise BadInputError(f"invalid replica settings: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+# app_builder args: the config fields they set, and the ReplicaShape fields (with their types)
+_CONFIG_ARGS = {"model": ("base", "model", str), "weights": ("base", "weights", str),
+                "data_dir": ("server", "data_dir", str), "device": ("engine", "device", str),
+                "registry_url": ("registry", "url", str), "registry_store": ("registry", "store", str),
+                "registry_cache_dir": ("registry", "cache_dir", str),
+                "registry_cache_max_bytes": ("registry", "cache_max_bytes", int)}
+_SHAPE_ARGS = {"replicas": ("replicas", int), "autoscaling": ("autoscaling", dict), "replica_cpus": ("cpus", float),
+               "replica_gpus": ("gpus", float), "replica_resources": ("resources", dict),
+               "torch_threads": ("torch_threads", int)}
+
+
+def _shape_from_args(args: dict) -> ReplicaShape:
+    shape = ReplicaShape()
+    for key, (attr, kind) in _SHAPE_ARGS.items():
+        if args.get(key) is not None:
+            if not isinstance(args[key], kind) and not (kind is float and isinstance(args[key], int)):
+                raise BadInputError(f"app arg '{key}' must be of type {kind.__name__}, got {args[key]!r}")
+            setattr(shape, attr, kind(args[key]))
+    if args.get("replicas") is not None and shape.autoscaling:
+        raise BadInputError("give either 'replicas' (a fixed count) or 'autoscaling', not both")
+    return shape
 
 
 def app_builder(args: dict):
     """Entry for ``serve deploy`` / ``serve run`` (``import_path: medlego.serving.ray_app:app_builder``).
 
-    args: model, weights, data_dir, config (a TOML file), replicas, replica_cpus, replica_gpus,
-    torch_threads, device. Tokens come from the cluster's environment (MEDLEGO_ADMIN_TOKEN,
-    MEDLEGO_API_TOKEN) or the config file's token files.
+    args (all optional; ``serving/ray_config.yaml`` shows them):
+
+    * ``config``: a medlego TOML file ([engine] [batching] [limits] [auth] [registry] …); the args
+      below override it: ``model``, ``weights``, ``data_dir``, ``device``;
+    * the shared registry: ``registry_url`` (postgresql://…), ``registry_store`` (s3://BUCKET/PREFIX),
+      ``registry_cache_dir`` (node-local; ``{node}`` becomes the Ray node id), ``registry_cache_max_bytes``;
+    * the replicas: ``replicas`` (a fixed count) or ``autoscaling`` (Ray's autoscaling_config:
+      ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, …), ``replica_cpus``,
+      ``replica_gpus``, ``replica_resources`` (custom resources each replica needs: placement),
+      ``torch_threads``.
+
+    Tokens come from the cluster's environment (MEDLEGO_ADMIN_TOKEN, MEDLEGO_API_TOKEN) or the
+    config file's token files. An unknown arg is refused (a typo must not deploy defaults).
     """
-    from .config import load_config
+    from medlego.runtime.config import load_config
 
     args = dict(args or {})
-    cfg = load_config(args.pop("config", None))
-    for key in ("model", "weights", "data_dir"):
-        if args.get(key):
-            setattr(cfg, key, str(args.pop(key)))
-    if args.get("device"):
-        cfg.engine.device = str(args.pop("device"))
-    return build_app(cfg, replicas=int(args.pop("replicas", 1)), replica_cpus=float(args.pop("replica_cpus", 1.0)),
-                     replica_gpus=float(args.pop("replica_gpus", 0.0)),
-                     torch_threads=int(args["torch_threads"]) if args.get("torch_threads") else None)
+    unknown = sorted(set(args) - set(_CONFIG_ARGS) - set(_SHAPE_ARGS) - {"config"})
+    if unknown:
+        raise BadInputError(f"unknown app arg(s) {unknown}; known: {sorted([*_CONFIG_ARGS, *_SHAPE_ARGS, 'config'])}")
+    cfg = load_config(args.get("config"))
+    for key, (section, attr, kind) in _CONFIG_ARGS.items():
+        if args.get(key) is not None:
+            setattr(getattr(cfg, section), attr, kind(args[key]))
+    return build_app(cfg, _shape_from_args(args))
 
 
-def start_local(cfg: ServeConfig, *, replicas: int = 1, num_cpus: int | None = None, replica_cpus: float = 1.0,
-                replica_gpus: float = 0.0, torch_threads: int | None = None, grpc: bool = True,
-                include_dashboard: bool = False, timeout_s: float = 300.0):
-    """Start a local Ray cluster, Serve's HTTP (and gRPC) proxy, and deploy; returns the app handle."""
+def deploy(app, server: ServerConfig, *, grpc: bool = True):
+    """Start Serve's HTTP (and gRPC) proxy on the connected Ray cluster and deploy `app`; returns its handle."""
+    grpc_options = None
+    if grpc:
+        grpc_options = {"port": server.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+    serve.start(proxy_location="HeadOnly", http_options={"host": server.host, "port": server.port},
+                grpc_options=grpc_options)
+    return serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def start_local(cfg: ServeConfig, shape: ReplicaShape | None = None, *, num_cpus: int | None = None,
+                grpc: bool = True, include_dashboard: bool = False):
+    """Start a local Ray cluster (unless connected to one), Serve's proxies, and deploy; returns the app handle."""
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, log_to_driver=False,
                  configure_logging=True, logging_level=logging.WARNING)
-    grpc_options = None
-    if grpc:
-        grpc_options = {"port": cfg.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
-    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port}, grpc_options=grpc_options)
-    app = build_app(cfg, replicas=replicas, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
-                    torch_threads=torch_threads)
-    return serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    return deploy(build_app(cfg, shape), cfg.server, grpc=grpc)
 
 
 def stop_local() -> None:

@@ -4,6 +4,7 @@ Both listen at once; the engine warms up in a worker thread meanwhile, and readi
 (``/readyz`` 200, gRPC health SERVING) flips only when it is done. ``start()`` runs everything on
 a background thread (tests, ``medlego demo``); ``run()`` blocks in the foreground until SIGINT
 or SIGTERM (``medlego serve``). Ports may be 0: the bound ports are in ``.port`` / ``.grpc_port``.
+Connections are guarded as :mod:`.http_guard` describes (header deadline, cap, TCP_NODELAY).
 """
 
 from __future__ import annotations
@@ -16,16 +17,21 @@ import threading
 
 import uvicorn
 
+from medlego.runtime.config import ServerConfig
+
 from .app import create_app
 from .grpc_service import build_grpc_server, set_serving
+from .http_guard import connection_cap, guarded_protocol, quiet_exception_handler
 from .service import DiagnosisService
 
 log = logging.getLogger("medlego.serving")
+_DEFAULTS = ServerConfig()
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only for TCP-protocol sockets
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -38,14 +44,17 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class EmbeddedServer:
-    def __init__(self, service: DiagnosisService, host: str = "127.0.0.1", port: int = 8000,
-                 grpc_port: int | None = 50051, log_level: str = "warning", warmup: bool = True):
+    def __init__(self, service: DiagnosisService, host: str = _DEFAULTS.host, port: int = _DEFAULTS.port,
+                 grpc_port: int | None = _DEFAULTS.grpc_port, log_level: str = "warning", warmup: bool = True,
+                 guard: ServerConfig | None = None):
+        """``guard``: header timeout, keep-alive and connection cap (its other fields are not used here)."""
         self.service = service
         self.host = host
         self.port = port
         self.grpc_port = grpc_port
         self.log_level = log_level
         self.warmup = warmup
+        self.guard = guard or ServerConfig()
         self.app = create_app(service)
         self._uvicorn: uvicorn.Server | None = None
         self._grpc = None
@@ -67,6 +76,7 @@ class EmbeddedServer:
     async def serve(self) -> None:
         """Bind both servers, warm up, serve until stopped."""
         self._loop = asyncio.get_running_loop()
+        quiet_exception_handler(self._loop)
         sock = bind_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         health = None
@@ -74,8 +84,11 @@ class EmbeddedServer:
             self._grpc, self.grpc_port, health = build_grpc_server(self.service, self.host, self.grpc_port)
             await set_serving(health, False)
             await self._grpc.start()
+        g = self.guard
+        protocol = guarded_protocol(g.header_timeout_s, connection_cap(g.max_connections),
+                                    self.service.engine.counters)
         config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="off", access_log=False,
-                                timeout_keep_alive=30, server_header=False)
+                                timeout_keep_alive=g.keep_alive_s, server_header=False, http=protocol)
         self._uvicorn = uvicorn.Server(config)
         self._bound.set()
 

@@ -1,53 +1,51 @@
-"""The transport-independent server core that REST, gRPC and the Ray replica all call.
+"""The in-process implementation of the serving contract: one engine in this process.
 
 One :class:`DiagnosisService` owns the engine's dynamic batcher, a small thread pool for image
 decoding and preprocessing (never on the event loop), the limits, the tokens and the metrics.
 Diagnosis: resolve the adapter (loads it to host memory if cold) → decode + preprocess with the
 adapter's own preprocessing → queue in the mixed-adapter batcher → answer. Admin: the registry
-operations, with the pool kept consistent (pins, evictions) and every upload validated against
-the resident base before anything is written.
-
-Every user mistake surfaces as a :class:`MedlegoError` (4xx / 503); the transports map them.
+operations, through the engine where residency follows (pins, forgetting deleted content), with
+every upload validated against the resident base before anything is written.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import Callable, TypeVar
 
+from medlego.runtime.adapter_merge import merge_adapters
 from medlego.runtime.batcher import DynamicBatcher
+from medlego.runtime.config import BatchingConfig, Limits, ServeConfig
 from medlego.runtime.engine import Diagnosis, Engine, Request
-from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError
+from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError, answer_of
 from medlego.runtime.imaging import preprocess
-from medlego.runtime.registry import parse_ref
+from medlego.runtime.registry import Registry, parse_ref
 
+from . import limits as checks
 from .auth import Auth
-from .limits import Limits
+from .contract import DiagnoseItem, MergeSpec, item_error
 from .metrics import metrics_registry, render
 
 log = logging.getLogger("medlego.serving")
 
-OUTCOMES = {200: "ok", 400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-            409: "conflict", 413: "too_large", 422: "invalid", 503: "overloaded"}
+T = TypeVar("T")
 
 
 def outcome_of(error: BaseException | None) -> str:
+    """The metrics outcome label of a request that ended with `error` (None: it succeeded)."""
     if error is None:
         return "ok"
     if isinstance(error, asyncio.CancelledError):
         return "cancelled"  # the client went away
-    return OUTCOMES.get(getattr(error, "status", 500), "error") if isinstance(error, MedlegoError) else "error"
+    return answer_of(error)[2]
 
 
-async def call(fn, *args):
-    """Await a coroutine function; run a blocking one in the default thread pool (off the event loop)."""
-    if inspect.iscoroutinefunction(fn):
-        return await fn(*args)
+async def off_loop(fn: Callable[..., T], *args) -> T:
+    """Run a blocking call in the default thread pool, never on the event loop."""
     return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args))
 
 
@@ -78,25 +76,24 @@ def single_threaded_executor(workers: int, name: str) -> ThreadPoolExecutor:
     return pool
 
 
-@dataclass
-class BatchingConfig:
-    max_batch: int = 32  # images per engine batch
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for company
-    max_queue: int = 1024  # queued requests before new ones get 503
-    decode_workers: int = 2  # threads decoding and preprocessing images
+class RegistryReads:
+    """The read half of the contract, straight from a registry (shared by the service and the Ray ingress)."""
+
+    registry: Registry
+
+    async def list_adapters(self) -> dict:
+        def listing():
+            return {"adapters": [e.to_json() for e in self.registry.list()], "aliases": self.registry.aliases()}
+        return await off_loop(listing)
+
+    async def describe(self, ref: str) -> dict:
+        return await off_loop(self.registry.describe, checks.check_text(ref, "ref", required=True))
+
+    async def aliases(self) -> dict[str, str]:
+        return await off_loop(self.registry.aliases)
 
 
-@dataclass
-class DiagnoseItem:
-    """One image to diagnose, as any transport receives it."""
-
-    image: bytes
-    adapter: str
-    task: str | None = None
-    top_k: int | None = None
-
-
-class DiagnosisService:
+class DiagnosisService(RegistryReads):
     def __init__(self, engine: Engine, *, limits: Limits | None = None, auth: Auth | None = None,
                  batching: BatchingConfig | None = None, replica: str = ""):
         self.engine = engine
@@ -114,6 +111,21 @@ class DiagnosisService:
         self._inflight_lock = threading.Lock()
         self.metrics = metrics_registry(self)
         self.started = time.time()
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig, *, base=None, replica: str = "") -> "DiagnosisService":
+        """Load the base (unless given), open the registry, build the engine and the service."""
+        from medlego.runtime.base import load_base
+
+        if base is None:
+            if not cfg.base.model:
+                raise BadInputError("no base model: give --model NAME --weights FILE (or [base] in the config file)")
+            base = load_base(cfg.base.model, cfg.base.weights, pretrained=cfg.base.pretrained)
+        registry = Registry(cfg.data_dir, base=base.spec, max_rank=cfg.engine.max_rank, input_size=base.input_size,
+                            **cfg.registry.registry_kwargs())
+        engine = Engine(base, registry, cfg.engine)
+        return cls(engine, limits=cfg.limits, auth=Auth.from_config(cfg.auth), batching=cfg.batching,
+                   replica=replica)
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -149,25 +161,28 @@ class DiagnosisService:
     def prepare(self, item: DiagnoseItem) -> tuple[Request, float]:
         """Resolve + decode + preprocess one item (runs in the decode pool; raises its own error).
 
-        Returns the queued-ready request and the seconds spent decoding and preprocessing."""
-        if not item.adapter:
+        Returns the queue-ready request and the seconds spent decoding and preprocessing."""
+        ref = checks.check_text(item.adapter, "adapter")
+        if ref is None:
             raise BadInputError("'adapter' is required: a registered name, name@version or alias")
-        top_k = self.limits.check_top_k(item.top_k)
-        resolved = self.engine.resolve(item.adapter)
-        task = resolved.task(item.task or None)
+        task = checks.check_text(item.task, "task")
+        top_k = checks.check_top_k(self.limits, item.top_k)
+        resolved = self.engine.resolve(ref)
+        resolved.task(task)  # an unknown task is refused before the image is decoded
         t0 = time.perf_counter()
-        image = preprocess(self.limits.decode(item.image), resolved.preprocess)  # [3, S, S]
+        size = resolved.preprocess.input_size
+        image = preprocess(checks.decode(self.limits, item.image, size), resolved.preprocess)  # [3, S, S]
         decode_s = time.perf_counter() - t0
         self.engine.counters.observe("stage_seconds", decode_s, stage="decode")
-        return Request(image, resolved, task, self.engine.config.top_k if top_k is None else top_k), decode_s
+        return self.engine.request(image, resolved, task, top_k), decode_s
 
-    async def diagnose(self, item: DiagnoseItem, api: str = "rest") -> Diagnosis:
+    async def diagnose(self, item: DiagnoseItem, api: str = "rest") -> dict:
         return (await self.diagnose_many([item], api))[0]
 
-    async def diagnose_many(self, items: list[DiagnoseItem], api: str = "rest") -> list[Diagnosis]:
+    async def diagnose_many(self, items: list[DiagnoseItem], api: str = "rest") -> list[dict]:
         """All or nothing: the first failing item's error (its index named when several) is raised."""
-        if len(items) > 1 or not items:
-            self.limits.check_batch(len(items))
+        if len(items) != 1:
+            checks.check_batch(self.limits, len(items))
         t0 = time.perf_counter()
         self._admit(len(items))
         loop = asyncio.get_running_loop()
@@ -177,12 +192,10 @@ class DiagnosisService:
                                             return_exceptions=True)
             for n, r in enumerate(prepared):
                 if isinstance(r, BaseException):
-                    self._count(items[n], None, r, api)
-                    if len(items) > 1 and isinstance(r, MedlegoError):
-                        raise type(r)(f"image {n}: {r}") from None
-                    raise r
-            requests = [r for r, _ in prepared]
-            decode_times = [s for _, s in prepared]
+                    self._count(None, r, api)
+                    raise item_error(n, len(items), r) from None
+            requests = [r for r, _ in prepared]  # type: ignore[misc]
+            decode_times = [s for _, s in prepared]  # type: ignore[misc]
             futures = []
             try:
                 for r in requests:
@@ -191,142 +204,120 @@ class DiagnosisService:
                 for f in futures:
                     f.cancel()
                 raise
-            results = await asyncio.gather(*[asyncio.wrap_future(f) for f in futures])
+            results: list[Diagnosis] = list(await asyncio.gather(*[asyncio.wrap_future(f) for f in futures]))
         except BaseException as e:
             for r in requests:
-                self._count(None, r, e, api)
+                self._count(r, e, api)
             raise
         finally:
             self._release(len(items))
         elapsed = time.perf_counter() - t0
         self.engine.counters.observe("request_seconds", elapsed, api=api)
+        answers = []
         for r, d, decode_s in zip(requests, results, decode_times):
             d.timings["decode"] = decode_s
             d.timings["total"] = elapsed
-            self._count(None, r, None, api)
-        return results
+            self._count(r, None, api)
+            answers.append(self._answer(d))
+        return answers
 
-    def _count(self, item: DiagnoseItem | None, request: Request | None, error: BaseException | None, api: str) -> None:
+    def _count(self, request: Request | None, error: BaseException | None, api: str) -> None:
         # only resolved names become labels: a user's typo must not create a new time series
         adapter = request.adapter.name if request is not None and request.adapter is not None else ""
         task = request.task.name if request is not None and request.task is not None else ""
         self.engine.counters.inc("requests", adapter=adapter, task=task, outcome=outcome_of(error), api=api)
 
-    def diagnosis_json(self, d: Diagnosis) -> dict:
+    def _answer(self, d: Diagnosis) -> dict:
         out = d.to_json()
         if self.replica:
             out["replica"] = self.replica
         return out
 
-    # -- registry (admin writes need the admin token; the transports check it) -------------------
-    def _admin(self, op: str, fn, *args):
+    # -- registry writes (the transports check the admin token) ---------------------------------
+    async def _admin(self, op: str, fn: Callable[[], T]) -> T:
         try:
-            out = fn(*args)
+            out = await off_loop(fn)
         except BaseException as e:
             self.engine.counters.inc("admin_operations", op=op, outcome=outcome_of(e))
             raise
         self.engine.counters.inc("admin_operations", op=op, outcome="ok")
         return out
 
-    def register(self, name: str, data: bytes, aliases: list[str] | tuple[str, ...] = ()) -> dict:
+    def _register(self, name: str, data: bytes, aliases, move_aliases: bool) -> dict:
+        checks.check_adapter_bytes(self.limits, data)
+        entry = self.registry.register(checks.check_text(name, "name", required=True) or "", data,
+                                       tuple(a for a in aliases if a), move_aliases=move_aliases,
+                                       check=self.engine.check_adapter)
+        return self.registry.describe(entry.ref)
+
+    async def register(self, name: str, data: bytes, aliases: list[str], move_aliases: bool = False) -> dict:
         """Validate against the resident base, then write; usable by the next request, no restart."""
+        return await self._admin("register", lambda: self._register(name, data, aliases, move_aliases))
+
+    async def delete(self, ref: str, all_versions: bool = False) -> list[str]:
         def run():
-            self.limits.check_adapter_bytes(data)
-            entry = self.registry.register(name, data, tuple(a for a in aliases if a))
-            return self.registry.describe(entry.ref)
-        return self._admin("register", run)
-
-    def list_adapters(self) -> dict:
-        return {"adapters": [e.to_json() for e in self.registry.list()], "aliases": self.registry.aliases()}
-
-    def describe(self, ref: str) -> dict:
-        return self.registry.describe(ref)
-
-    def aliases(self) -> dict[str, str]:
-        return self.registry.aliases()
-
-    def delete(self, ref: str, all_versions: bool = False) -> list[str]:
-        def run():
-            name, version = parse_ref(ref)
+            name, version = parse_ref(checks.check_text(ref, "ref", required=True) or "")
             if version is None and not all_versions:
                 raise BadInputError(f"name the version to delete ('{name}@N'), or ask for every version explicitly")
             gone = self.registry.delete(name, version)
             still_used = {e.sha256 for e in self.registry.list()}
             for e in gone:
                 if e.sha256 not in still_used:
-                    self.engine.pool.evict(e.sha256)  # in-flight requests keep their own reference
+                    self.engine.forget(e.sha256)  # in-flight requests keep their own reference
             return [e.ref for e in gone]
-        return self._admin("delete", run)
+        return await self._admin("delete", run)
 
-    def pin(self, ref: str) -> dict:
-        def run():
-            entry = self.registry.pin(ref)
-            # a host copy remembers its registry entry as it was when loaded (unpinned): drop it, so the
-            # next request reloads the entry as pinned and the pool keeps the adapter on the device
-            self.engine.pool.evict(entry.sha256)
-            self.engine.pool.pin(entry.sha256)
-            return self.registry.describe(entry.ref)
-        return self._admin("pin", run)
+    async def pin(self, ref: str) -> dict:
+        return await self._admin("pin", lambda: self.registry.describe(self.engine.pin(ref).ref))
 
-    def unpin(self, ref: str) -> dict:
-        def run():
-            entry = self.registry.unpin(ref)
-            if not any(e.pinned and e.sha256 == entry.sha256 for e in self.registry.list()):
-                self.engine.pool.unpin(entry.sha256)
-                # the pool's host copy remembers the entry as it was when loaded (pinned) and would
-                # pin it again on its next batch: drop it, the next request reloads a fresh entry
-                self.engine.pool.evict(entry.sha256)
-            return self.registry.describe(entry.ref)
-        return self._admin("unpin", run)
+    async def unpin(self, ref: str) -> dict:
+        return await self._admin("unpin", lambda: self.registry.describe(self.engine.unpin(ref).ref))
 
-    def set_alias(self, alias: str, target: str) -> dict:
+    async def set_alias(self, alias: str, target: str) -> dict:
         def run():
             self.registry.set_alias(alias, target)
             return {"alias": alias, "target": target, "resolves_to": self.registry.resolve(alias).ref}
-        return self._admin("alias", run)
+        return await self._admin("alias", run)
 
-    def remove_alias(self, alias: str) -> None:
-        self._admin("alias", self.registry.remove_alias, alias)
+    async def remove_alias(self, alias: str) -> None:
+        await self._admin("alias", lambda: self.registry.remove_alias(alias))
 
-    def merge(self, name: str, sources: list[str], method: str = "med-lego", params: dict | None = None,
-              aliases: list[str] | tuple[str, ...] = (), task_names: list[str] | None = None) -> dict:
-        """Run the offline merge job (medlego.jobs.merge) on registered adapters; register the result as `name`.
+    async def merge(self, spec: MergeSpec) -> dict:
+        """Merge registered adapters (runtime/adapter_merge.py) and register the result as `spec.name`.
 
         The merged rank is capped at what this server serves (its max_rank), so the result always registers."""
-        from medlego.jobs.merge import merge_adapters
-
         def run():
-            if not isinstance(sources, list) or not sources or not all(isinstance(x, str) for x in sources):
+            if not isinstance(spec.sources, list) or not spec.sources or not all(isinstance(x, str) for x in spec.sources):
                 raise BadInputError("'sources' must be a non-empty list of registered adapter references")
-            loaded = [self.registry.load(ref) for ref in sources]
+            if not isinstance(spec.params, dict):
+                raise BadInputError("'params' must be an object of method parameters")
+            loaded = [self.registry.load(ref) for ref in spec.sources]
             info = [{"ref": ref, "name": e.name, "version": e.version, "sha256": e.sha256}
-                    for ref, (e, _) in zip(sources, loaded)]
-            p = dict(params or {})
-            if self.registry.max_rank and p.get("max_rank") is None:
-                p["max_rank"] = self.registry.max_rank
-            try:
-                adapter, _ = merge_adapters([a for _, a in loaded], method, p, source_info=info, task_names=task_names)
-            except MedlegoError:
-                raise
-            except (TypeError, ValueError) as e:  # a parameter of the wrong type or range
-                raise BadInputError(f"bad parameters for merge method '{method}': {e}") from None
-            entry = self.registry.register(name, adapter.to_bytes(), tuple(aliases))
-            return self.registry.describe(entry.ref)
-        return self._admin("merge", run)
+                    for ref, (e, _) in zip(spec.sources, loaded)]
+            params = dict(spec.params)
+            if params.get("max_rank") is None:
+                params["max_rank"] = self.engine.config.max_rank
+            adapter, _ = merge_adapters([a for _, a in loaded], spec.method, params, source_info=info,
+                                        task_names=spec.task_names)
+            return self._register(spec.name, adapter.to_bytes(), spec.aliases, spec.move_aliases)
+        return await self._admin("merge", run)
 
     # -- health and metrics ----------------------------------------------------------------------
-    def info(self) -> dict:
-        return {**self.health(), **self.engine.stats()}
-
-    def metrics_text(self) -> bytes:
-        return render(self.metrics)
-
-    def health(self) -> dict:
+    def _health(self) -> dict:
         try:
             adapters = len(self.registry)
-        except Exception:
+        except MedlegoError:  # the registry's database is unreachable: alive, but say so
             adapters = -1
         return {"alive": True, "ready": self.ready, "adapters": adapters, "device": str(self.engine.device),
                 "model": self.engine.base.name, "input_size": self.engine.base.input_size,
                 "fingerprint": self.engine.base.fingerprint, "uptime_s": round(time.time() - self.started, 3),
                 **({"replica": self.replica} if self.replica else {})}
+
+    async def health(self) -> dict:
+        return await off_loop(self._health)
+
+    async def info(self) -> dict:
+        return await off_loop(lambda: {**self._health(), **self.engine.stats()})
+
+    async def metrics_text(self) -> bytes:
+        return await off_loop(render, self.metrics)

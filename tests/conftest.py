@@ -14,6 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+pytest_plugins = ["backends"]  # real PostgreSQL and S3 servers for the registry tests (tests/backends.py)
+
 TINY_MODEL = "vit_tiny_patch16_224"  # 12 blocks, d = 192; built at 32 px -> 4 patches + cls
 TINY_IMG = 32
 
@@ -45,9 +47,18 @@ def other_base_file(tmp_path_factory) -> Path:
 @pytest.fixture
 def make_adapter(tiny_base):
     """make_adapter(seed=0, rank=4 | [2*depth ranks], tasks=None, scale=0.05) -> Adapter on tiny_base."""
-    from medlego.runtime.synthetic import random_adapter
+    from medlego.jobs.synthetic import random_adapter
 
     def make(seed: int = 0, rank=4, tasks=None, scale: float = 0.05):
         return random_adapter(tiny_base.spec, tiny_base.preprocess, rank=rank, tasks=tasks, seed=seed, scale=scale)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An HTTP client of the module's own `server` fixture (an EmbeddedServer)."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from medlego.runtime.batcher import DynamicBatcher
-from medlego.runtime.engine import Engine, EngineConfig
+from medlego.runtime.config import EngineConfig
+from medlego.runtime.engine import Engine
 from medlego.runtime.errors import AdapterNotFoundError, OverloadedError
 from medlego.runtime.registry import Registry
 

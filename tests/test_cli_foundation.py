@@ -103,7 +103,7 @@ def test_predict_refuses_adapter_of_another_base(tmp_path, other_base_file, make
 def test_inspect_count_for_vit_base_r4(tmp_path, capsys):
     """The issue's check: vit_base_patch16_224, r=4 on Q and V -> 147,456 + 96 LoRA parameters, ~0.17 %."""
     from medlego.runtime.adapter import BaseSpec, Preprocess
-    from medlego.runtime.synthetic import random_adapter
+    from medlego.jobs.synthetic import random_adapter
 
     spec = BaseSpec("vit_base_patch16_224", "ab" * 32, 768, 12)  # no vit_base weights needed
     ad = random_adapter(spec, Preprocess(224, (0.5,) * 3, (0.5,) * 3), rank=4, seed=0)

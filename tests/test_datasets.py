@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from medlego.jobs.datasets import load_dataset
-from medlego.jobs.synthetic_data import make_synthetic_medmnist
+from medlego.jobs.synthetic import make_synthetic_medmnist
 from medlego.runtime.adapter import Preprocess
 from medlego.runtime.errors import BadInputError
 from medlego.runtime.imaging import decode_dicom, load_image_file, preprocess

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from medlego.runtime.adapter import TaskSpec
-from medlego.runtime.engine import Engine, EngineConfig
-from medlego.runtime.errors import AdapterNotFoundError, TaskNotFoundError
+from medlego.runtime.config import EngineConfig
+from medlego.runtime.engine import Engine
+from medlego.runtime.errors import (AdapterNotFoundError, AdapterNumericError, ConflictError, OverloadedError,
+                                    TaskNotFoundError)
 from medlego.runtime.model import fold_adapter, pooled_features
 from medlego.runtime.registry import Registry
 
@@ -69,8 +71,9 @@ def test_eviction_and_reload_keep_answers(setup, tiny_base):
     tasks = [None, None, None, "blood"]
     first = engine.infer(images, refs, tasks)
     assert engine.counters.total("pool_evictions") > 0  # 4 adapters through 2 slots
-    for sha in list(engine.pool.resident()):
-        engine.pool.evict(sha)
+    for sha in list(engine.pool.host_resident()):
+        engine.forget(sha)
+    assert engine.pool.resident() == [] and engine.pool.host_resident() == []
     again = engine.infer(images, refs, tasks)
     for a, b in zip(first, again):
         assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
@@ -78,15 +81,77 @@ def test_eviction_and_reload_keep_answers(setup, tiny_base):
 
 def test_pinned_adapter_never_evicted(setup, tiny_base):
     reg, _ = setup
-    reg.pin("r1")
-    engine = Engine(tiny_base, reg, EngineConfig(slots=2))
+    engine = Engine(tiny_base, reg, EngineConfig(slots=2, unpinned_slots=1))
+    engine.pin("r1")
     x = torch.randn(1, 3, 32, 32)
     engine.infer(x, ["r1"])
     pinned_sha = reg.resolve("r1").sha256
     for ref in ["mixed", "r4", "merged", "mixed", "r4"]:
         engine.infer(x, [ref], ["blood" if ref == "merged" else None])
         assert pinned_sha in engine.pool.resident()
-    assert engine.pool.evict(pinned_sha) is False
+    engine.unpin("r1")
+    for ref in ["mixed", "r4"]:
+        engine.infer(x, [ref])
+    assert pinned_sha not in engine.pool.resident()  # unpinned: evicted like any other
+
+
+def test_pins_may_not_take_the_slots_every_other_adapter_needs(setup, tiny_base):
+    reg, _ = setup
+    engine = Engine(tiny_base, reg, EngineConfig(slots=3, unpinned_slots=1))
+    engine.pin("r1")
+    engine.pin("mixed")
+    with pytest.raises(ConflictError, match="at most 2 of the 3 device slots"):
+        engine.pin("r4")
+    assert not reg.resolve("r4").pinned
+    # a batch of three different adapters with two slots pinned: served in passes, never a failure
+    x = torch.randn(4, 3, 32, 32)
+    out = engine.infer(x, ["r4", "merged", "r1", "mixed"], [None, "blood", None, None])
+    assert [d.adapter for d in out] == ["r4", "merged", "r1", "mixed"]
+
+
+def test_pins_made_elsewhere_leave_no_slot_answer_overloaded_not_internal(setup, tiny_base):
+    """Another server of a fleet pinned more than this one's slots allow: 503 for the rest, never a 500."""
+    reg, _ = setup
+    for ref in ("r1", "mixed"):
+        reg.pin(ref)  # straight in the registry, as another server would
+    engine = Engine(tiny_base, reg, EngineConfig(slots=2))
+    x = torch.randn(1, 3, 32, 32)
+    engine.infer(x, ["r1"])
+    engine.infer(x, ["mixed"])
+    with pytest.raises(OverloadedError, match="pinned by other adapters"):
+        engine.infer(x, ["r4"])
+
+
+def _with_huge_head(adapter):
+    from dataclasses import replace
+
+    from medlego.runtime.adapter import Head
+
+    name = adapter.tasks[0].name
+    head = adapter.heads[name]
+    return replace(adapter, heads={name: Head(torch.full_like(head.weight, 3e38), head.bias)})
+
+
+def test_probe_refuses_an_adapter_whose_logits_overflow(setup, tiny_base, make_adapter):
+    reg, _ = setup
+    engine = Engine(tiny_base, reg)
+    engine.check_adapter(make_adapter(seed=7))  # a normal adapter passes
+    huge = _with_huge_head(make_adapter(seed=7))  # finite in float32, so the file itself is valid
+    with pytest.raises(AdapterNumericError, match="logits overflow"):
+        engine.check_adapter(huge)
+    half = Engine(tiny_base, reg, EngineConfig(dtype="float16"))
+    with pytest.raises(AdapterNumericError, match="overflows in float16"):
+        half.check_adapter(huge)
+
+
+def test_a_non_finite_answer_is_that_request_s_error_never_an_answer(setup, tiny_base, make_adapter):
+    reg, _ = setup
+    reg.register("huge", _with_huge_head(make_adapter(seed=8)).to_bytes())  # registered without the probe
+    engine = Engine(tiny_base, reg)
+    requests = [engine.request(img, ref) for img, ref in zip(torch.randn(2, 3, 32, 32), ["huge", "r1"])]
+    bad, good = engine.run(requests)
+    assert isinstance(bad, AdapterNumericError) and "non-finite probabilities" in str(bad)
+    assert abs(sum(good.probabilities.values()) - 1) < 1e-5
 
 
 def test_unknown_adapter_and_task_errors(setup, tiny_base):

@@ -7,7 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from medlego.jobs.export import ExportError, export_onnx
+from medlego.jobs.export import export_onnx
+from medlego.runtime.errors import ExportError
 from medlego.runtime.adapter import TaskSpec
 from medlego.runtime.model import AdaptedViT, adapter_logits
 

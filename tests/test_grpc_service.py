@@ -12,30 +12,24 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from conftest import TINY_MODEL
+from medlego.jobs.synthetic import encode_dicom, encode_jpeg, encode_png, random_adapter, random_image
 from medlego.runtime.base import load_base
-from medlego.runtime.engine import Engine, EngineConfig
+from medlego.runtime.config import BatchingConfig, EngineConfig, Limits
+from medlego.runtime.engine import Engine
 from medlego.runtime.imaging import decode_image, preprocess
 from medlego.runtime.registry import Registry
-from medlego.runtime.synthetic import random_adapter
 from medlego.serving import medlego_pb2 as pb
 from medlego.serving import medlego_pb2_grpc as pb_grpc
 from medlego.serving.auth import Auth
-from medlego.serving.limits import Limits
-from medlego.serving.sample_images import encode_dicom, encode_jpeg, encode_png, random_image
-from medlego.serving.server import EmbeddedServer
-from medlego.serving.service import BatchingConfig, DiagnosisService
-
-from conftest import TINY_MODEL
+from servers import start_server
 
 ADMIN = [("authorization", "Bearer grpc-admin")]
 
 
 def _server(base_file, data_dir, auth):
-    base = load_base(TINY_MODEL, base_file)
-    reg = Registry(data_dir, base=base.spec, max_rank=16, input_size=base.input_size)
-    service = DiagnosisService(Engine(base, reg, EngineConfig(slots=8)), auth=auth,
-                               limits=Limits(max_image_bytes=200_000), batching=BatchingConfig(max_wait_ms=3))
-    return EmbeddedServer(service, port=0, grpc_port=0).start()
+    return start_server(base_file, data_dir, auth=auth, limits=Limits(max_image_bytes=200_000),
+                        batching=BatchingConfig(max_wait_ms=3), grpc=True)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import torch
 from peft.utils import merge_utils
 
 from medlego.cli import main
-from medlego.jobs.merge import merge_adapters
+from medlego.runtime.adapter_merge import merge_adapters
 from medlego.runtime import merging
 from medlego.runtime.adapter import load_adapter, save_adapter
 from medlego.runtime.errors import BadInputError, IncompatibleAdapterError
-from medlego.runtime.synthetic import random_lowrank
+from medlego.jobs.synthetic import random_lowrank
 
 
 def _sources(ranks, d=48, seed=0):
@@ -116,7 +116,7 @@ def test_ties_dare_magnitude_agree_with_peft():
 def test_merge_job_heads_provenance_and_refusals(tmp_path, make_adapter, tiny_base, other_base_file):
     from medlego.runtime.adapter import TaskSpec
     from medlego.runtime.base import load_base
-    from medlego.runtime.synthetic import random_adapter
+    from medlego.jobs.synthetic import random_adapter
 
     a = make_adapter(seed=1, rank=3, tasks=[TaskSpec("blood", tuple("abcdefgh"))])
     b = make_adapter(seed=2, rank=5, tasks=[TaskSpec("derma", tuple("abcdefg"))])

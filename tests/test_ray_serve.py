@@ -17,14 +17,15 @@ import torch
 pytest.importorskip("ray.serve")
 
 from medlego.runtime.base import load_base  # noqa: E402
-from medlego.runtime.engine import Engine, EngineConfig  # noqa: E402
+from medlego.runtime.config import EngineConfig  # noqa: E402
+from medlego.runtime.engine import Engine  # noqa: E402
 from medlego.runtime.imaging import decode_image, preprocess  # noqa: E402
 from medlego.runtime.registry import Registry  # noqa: E402
-from medlego.runtime.synthetic import random_adapter  # noqa: E402
+from medlego.jobs.synthetic import random_adapter  # noqa: E402
 from medlego.serving import medlego_pb2 as pb  # noqa: E402
 from medlego.serving import medlego_pb2_grpc as pb_grpc  # noqa: E402
-from medlego.serving.config import ServeConfig  # noqa: E402
-from medlego.serving.sample_images import encode_png, random_image  # noqa: E402
+from medlego.runtime.config import ServeConfig  # noqa: E402
+from medlego.jobs.synthetic import encode_png, random_image  # noqa: E402
 
 from conftest import TINY_MODEL  # noqa: E402
 
@@ -39,18 +40,20 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_server(tmp_path_factory, tiny_base, tiny_base_file):
-    from medlego.serving.ray_app import start_local, stop_local
+    from medlego.serving.ray_app import ReplicaShape, start_local, stop_local
 
     data = tmp_path_factory.mktemp("ray")
     reg = Registry(data, base=tiny_base.spec)
     for i, name in enumerate(ADAPTERS):
         reg.register(name, random_adapter(tiny_base.spec, tiny_base.preprocess, rank=2 + i % 3, seed=60 + i).to_bytes())
-    cfg = ServeConfig(model=TINY_MODEL, weights=str(tiny_base_file), data_dir=str(data), host="127.0.0.1",
-                      port=_free_port(), grpc_port=_free_port(), admin_token="ray-admin")
+    cfg = ServeConfig()
+    cfg.base.model, cfg.base.weights = TINY_MODEL, str(tiny_base_file)
+    cfg.server.data_dir, cfg.server.host, cfg.server.port, cfg.server.grpc_port = str(data), "127.0.0.1", _free_port(), _free_port()
+    cfg.auth.admin_token = "ray-admin"
     cfg.batching.max_wait_ms = 2
     cfg.engine.slots = 8
     try:
-        start_local(cfg, replicas=2, num_cpus=2, replica_cpus=0.5, torch_threads=1)
+        start_local(cfg, ReplicaShape(replicas=2, cpus=0.5, torch_threads=1), num_cpus=2)
         yield cfg, data
     finally:
         stop_local()
@@ -63,7 +66,7 @@ def _diagnose(url, ref, png):
 
 def test_requests_go_to_the_replica_holding_their_adapter(ray_server, tiny_base_file):
     cfg, data = ray_server
-    url = f"http://127.0.0.1:{cfg.port}"
+    url = f"http://127.0.0.1:{cfg.server.port}"
     pngs = [encode_png(random_image(s, 32)) for s in range(4)]
     with httpx.Client(base_url=url, timeout=60) as c:
         assert c.get("/readyz").status_code == 200
@@ -99,7 +102,7 @@ def test_requests_go_to_the_replica_holding_their_adapter(ray_server, tiny_base_
 
 def test_hot_registration_errors_and_grpc_through_ray(ray_server, tiny_base):
     cfg, _ = ray_server
-    url = f"http://127.0.0.1:{cfg.port}"
+    url = f"http://127.0.0.1:{cfg.server.port}"
     png = encode_png(random_image(9, 32))
     with httpx.Client(base_url=url, timeout=60) as c:
         r = c.post("/v1/diagnose", files={"file": ("x.png", png)}, data={"adapter": "nope"})
@@ -121,7 +124,7 @@ def test_hot_registration_errors_and_grpc_through_ray(ray_server, tiny_base):
         assert info["ray_metrics"]["syncs"] >= 1 and info["ray_metrics"]["last_error"] is None
         assert info["multiplex"]["requests"] >= 1 and info["pool"]["device_slots"] == 8
 
-    with grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}") as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{cfg.server.grpc_port}") as ch:
         stub = pb_grpc.MedlegoStub(ch)
         answer = stub.Diagnose(pb.DiagnoseRequest(adapter="r2", image=png), timeout=60)
         assert answer.adapter == "r2" and answer.replica
@@ -131,12 +134,18 @@ def test_hot_registration_errors_and_grpc_through_ray(ray_server, tiny_base):
         assert "fresh@1" in {a.ref for a in stub.ListAdapters(pb.ListAdaptersRequest(), timeout=60).adapters}
 
 
+def _replica_deployment(app):
+    """The engine replicas' deployment inside a built app (the ingress's first init arg)."""
+    return app._bound_deployment.init_args[0]._bound_deployment
+
+
 def test_serve_deploy_config_is_valid_and_builds(tiny_base_file, tmp_path):
     from pathlib import Path
 
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
+    from medlego.runtime.errors import BadInputError
     from medlego.serving.ray_app import app_builder
 
     path = Path(__file__).resolve().parents[1] / "serving" / "ray_config.yaml"
@@ -144,6 +153,31 @@ def test_serve_deploy_config_is_valid_and_builds(tiny_base_file, tmp_path):
     app_cfg = schema.applications[0]
     assert app_cfg.import_path == "medlego.serving.ray_app:app_builder"
     assert schema.grpc_options.grpc_servicer_functions == ["medlego.serving.medlego_pb2_grpc.add_MedlegoServicer_to_server"]
-    app = app_builder({**app_cfg.args, "weights": str(tiny_base_file), "model": TINY_MODEL, "data_dir": str(tmp_path),
-                       "replica_gpus": 0, "device": "cpu"})
-    assert type(app).__name__ == "Application"
+    args = {**app_cfg.args, "weights": str(tiny_base_file), "model": TINY_MODEL, "data_dir": str(tmp_path),
+            "replica_gpus": 0, "device": "cpu"}
+    assert {"registry_url", "registry_store", "registry_cache_dir", "autoscaling"} <= set(args)
+    assert "{node}" in args["registry_cache_dir"]
+
+    # the YAML's autoscaling becomes Ray's autoscaling_config (no fixed count); resources place replicas
+    replica = _replica_deployment(app_builder({**args, "replica_resources": {"medlego": 1}}))
+    scaling = replica._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (
+        args["autoscaling"]["min_replicas"], args["autoscaling"]["max_replicas"],
+        args["autoscaling"]["target_ongoing_requests"])
+    assert replica.ray_actor_options["resources"] == {"medlego": 1}
+    assert replica.ray_actor_options["num_cpus"] == args["replica_cpus"]
+    config = replica.init_args[0]  # what every replica builds its service from
+    assert config["registry"]["url"] == args["registry_url"] and config["registry"]["store"] == args["registry_store"]
+    assert config["registry"]["cache_dir"] == args["registry_cache_dir"]  # {node} is replaced in the replica
+
+    fixed = {k: v for k, v in args.items() if k != "autoscaling"}
+    replica = _replica_deployment(app_builder({**fixed, "replicas": 3}))
+    assert replica.num_replicas == 3 and replica._deployment_config.autoscaling_config is None
+    with pytest.raises(BadInputError, match="not both"):
+        app_builder({**args, "replicas": 3})
+    with pytest.raises(BadInputError, match=r"unknown app arg\(s\) \['autoscale'\]"):
+        app_builder({**fixed, "autoscale": {"max_replicas": 2}})
+    with pytest.raises(BadInputError, match=r"unknown autoscaling setting\(s\) \['max_replica'\]"):
+        app_builder({**fixed, "autoscaling": {"max_replica": 2}})
+    with pytest.raises(BadInputError, match="invalid replica settings"):
+        app_builder({**fixed, "autoscaling": {"min_replicas": 3, "max_replicas": 1}})

@@ -13,32 +13,19 @@ import grpc
 import httpx
 
 from medlego.runtime.registry import Registry
-from medlego.runtime.synthetic import random_adapter
+from medlego.jobs.synthetic import random_adapter
 from medlego.serving import medlego_pb2 as pb
 from medlego.serving import medlego_pb2_grpc as pb_grpc
-from medlego.serving.sample_images import encode_png, random_image
+from medlego.jobs.synthetic import encode_png, random_image
 
 from conftest import TINY_MODEL
+from servers import wait_ready
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server not ready in time")
 
 
 def test_medlego_serve_process(tmp_path, tiny_base, tiny_base_file):
@@ -54,7 +41,7 @@ def test_medlego_serve_process(tmp_path, tiny_base, tiny_base_file):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, proc)
+        wait_ready(url, proc, timeout=90)
         png = encode_png(random_image(0, 24))
         r = httpx.post(url + "/v1/diagnose", files={"file": ("a.png", png)}, data={"adapter": "cli-a"}, timeout=30)
         assert r.status_code == 200 and r.json()["adapter"] == "cli-a"

@@ -13,19 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+import servers
+from conftest import TINY_MODEL
+from medlego.jobs.synthetic import encode_dicom, encode_jpeg, encode_png, random_adapter, random_image
 from medlego.runtime.adapter import TaskSpec
 from medlego.runtime.base import load_base
-from medlego.runtime.engine import Engine, EngineConfig
+from medlego.runtime.config import BatchingConfig, EngineConfig, Limits
+from medlego.runtime.engine import Engine
 from medlego.runtime.imaging import decode_image, preprocess
 from medlego.runtime.registry import Registry
-from medlego.runtime.synthetic import random_adapter
 from medlego.serving.auth import Auth
-from medlego.serving.limits import Limits
-from medlego.serving.sample_images import encode_dicom, encode_jpeg, encode_png, random_image
 from medlego.serving.server import EmbeddedServer
-from medlego.serving.service import BatchingConfig, DiagnosisService
-
-from conftest import TINY_MODEL
 
 ADMIN = "admin-secret-token"
 TWO_TASKS = [TaskSpec("blood", tuple(f"b{i}" for i in range(8))),
@@ -34,12 +32,7 @@ TWO_TASKS = [TaskSpec("blood", tuple(f"b{i}" for i in range(8))),
 
 def start_server(base_file, data_dir, *, auth=Auth(admin_token=ADMIN), limits=None, batching=None,
                  grpc=False) -> EmbeddedServer:
-    base = load_base(TINY_MODEL, base_file)  # its own module: engines must not share a model's LoRA state
-    reg = Registry(data_dir, base=base.spec, max_rank=16, input_size=base.input_size)
-    engine = Engine(base, reg, EngineConfig(slots=8))
-    service = DiagnosisService(engine, auth=auth, limits=limits or Limits(),
-                               batching=batching or BatchingConfig(max_batch=16, max_wait_ms=3))
-    return EmbeddedServer(service, host="127.0.0.1", port=0, grpc_port=0 if grpc else None).start()
+    return servers.start_server(base_file, data_dir, auth=auth, limits=limits, batching=batching, grpc=grpc)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +50,6 @@ def server(tiny_base_file, data_dir):
     srv = start_server(tiny_base_file, data_dir)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def admin_headers(token=ADMIN):
@@ -382,7 +369,11 @@ def test_admin_api_closed_without_token_and_api_token_enforced(tiny_base_file, d
             r = c.post("/v1/diagnose", headers={"Authorization": "Bearer diag-token"}, files={"file": ("a.png", png)},
                        data={"adapter": "ad0"})
             assert r.status_code == 200
-            assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
+            assert c.get("/healthz").status_code == 200
+            # /metrics lists adapter names: it follows the API token
+            _err(c.get("/metrics"), 401, r"API token")
+            r = c.get("/metrics", headers={"Authorization": "Bearer diag-token"})
+            assert r.status_code == 200 and 'adapter="ad0"' in r.text
     finally:
         srv.stop()
 

@@ -11,7 +11,7 @@ import torch
 from medlego.jobs.datasets import load_dataset
 from medlego.jobs.evaluate import evaluate_adapter, predict_probs
 from medlego.jobs.metrics import auc_binary
-from medlego.jobs.synthetic_data import make_synthetic_medmnist
+from medlego.jobs.synthetic import make_synthetic_medmnist
 from medlego.jobs.train import TrainConfig, train_adapter
 from medlego.runtime.adapter import load_adapter, save_adapter
 from medlego.runtime.errors import BadInputError

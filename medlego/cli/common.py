@@ -19,3 +19,36 @@ def load_base_from_args(args):
     from medlego.runtime.base import load_base
 
     return load_base(args.model, args.weights, pretrained=args.pretrained)
+
+
+def add_registry_args(p: argparse.ArgumentParser) -> None:
+    """Where the adapter registry is: the same flags for every command that opens it."""
+    g = p.add_argument_group("registry")
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="registry folder: the embedded index and store, and the node cache "
+                        "(default $MEDLEGO_DATA_DIR or ~/.medlego)")
+    g.add_argument("--registry", metavar="URL",
+                   help="index database: 'sqlite' (the default, <data-dir>/registry.db) or "
+                        "postgresql://USER@HOST:PORT/DB (also postgresql://USER@/DB?host=/socket/dir)")
+    g.add_argument("--store", metavar="URL",
+                   help="adapter files: <data-dir>/store by default, or s3://BUCKET/PREFIX (endpoint and "
+                        "credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)")
+    g.add_argument("--cache-dir", metavar="DIR", help="node-local cache of an S3 store (default <data-dir>/cache)")
+
+
+def registry_from_args(args, base=None, max_rank: int | None = None):
+    """The Registry that add_registry_args' flags name; `base` (a loaded base) is what uploads must fit."""
+    from medlego.runtime.config import default_data_dir
+    from medlego.runtime.registry import Registry
+
+    return Registry(default_data_dir(args.data_dir), base=base.spec if base else None, max_rank=max_rank,
+                    input_size=base.input_size if base else None, url=args.registry, store=args.store,
+                    cache_dir=args.cache_dir)
+
+
+def add_adapter_args(p: argparse.ArgumentParser) -> None:
+    """--adapter (a file or a registered name), where registered names live, and which of its tasks."""
+    p.add_argument("--adapter", required=True, help="adapter file or registered NAME[@VERSION] or alias")
+    p.add_argument("--data-dir", metavar="DIR", help="registry folder for registered names "
+                                                     "(default $MEDLEGO_DATA_DIR or ~/.medlego)")
+    p.add_argument("--task", help="which of the adapter's tasks (needed when it carries several)")

@@ -32,11 +32,12 @@ def _run(args) -> int:
     import httpx
     import torch
 
+    from medlego.jobs.demo import MERGED_NAME, build_demo
     from medlego.runtime.base import load_base
-    from medlego.runtime.engine import Engine, EngineConfig
+    from medlego.runtime.config import ADMIN_TOKEN_ENV, EngineConfig
+    from medlego.runtime.engine import Engine
     from medlego.runtime.registry import Registry
-    from medlego.serving.auth import ADMIN_TOKEN_ENV, Auth
-    from medlego.serving.demo import MERGED_NAME, build_demo
+    from medlego.serving.auth import Auth
     from medlego.serving.server import EmbeddedServer
     from medlego.serving.service import DiagnosisService
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 
-from .common import add_base_args
+from .common import add_adapter_args, add_base_args
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="metrics of an adapter on a dataset split")
     add_base_args(p)
-    p.add_argument("--adapter", required=True, help="adapter file or registered NAME[@VERSION]")
-    p.add_argument("--data-dir", metavar="DIR")
+    add_adapter_args(p)
     p.add_argument("--data", required=True, metavar="PATH")
-    p.add_argument("--task", help="which of the adapter's tasks (needed for merged adapters)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--seed", type=int, default=0, help="split seed for folders/manifests without splits")
     p.add_argument("--json", action="store_true")

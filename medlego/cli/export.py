@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 
-from .common import add_base_args
+from .common import add_adapter_args, add_base_args
 
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export base + adapter + one task's head to ONNX (checked with onnxruntime)")
     add_base_args(p)
-    p.add_argument("--adapter", required=True, help="adapter file or registered NAME[@VERSION]")
-    p.add_argument("--data-dir", metavar="DIR")
-    p.add_argument("--task", help="which task (needed for merged adapters)")
+    add_adapter_args(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |ONNX - engine| on the check batch")

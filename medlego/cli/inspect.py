@@ -14,7 +14,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from medlego.runtime.inspect import summarize
+    from medlego.runtime.summary import summarize
     from medlego.runtime.refs import load_adapter_ref
 
     adapter, src = load_adapter_ref(args.adapter, data_dir=args.data_dir)

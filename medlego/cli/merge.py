@@ -32,7 +32,8 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from medlego.jobs.merge import merge_adapters, write_report
+    from medlego.jobs.merge import write_report
+    from medlego.runtime.adapter_merge import merge_adapters
     from medlego.runtime.adapter import save_adapter
     from medlego.runtime.errors import BadInputError
     from medlego.runtime.refs import load_adapter_ref

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 
-from .common import add_base_args
+from .common import add_adapter_args, add_base_args
 
 
 def register(sub) -> None:
     p = sub.add_parser("predict", help="diagnose PNG/JPEG/DICOM files with an adapter")
     add_base_args(p)
-    p.add_argument("--adapter", required=True, help="adapter file or registered NAME[@VERSION]")
-    p.add_argument("--data-dir", metavar="DIR")
-    p.add_argument("--task", help="task (needed when the adapter carries several)")
+    add_adapter_args(p)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per line and image")
     p.add_argument("images", nargs="+", metavar="IMAGE")

@@ -1,21 +1,22 @@
-"""`medlego registry add|list|show|delete|pin|unpin|alias`: the adapter registry for ops teams."""
+"""`medlego registry add|list|show|delete|pin|unpin|alias|gc`: the adapter registry for ops teams."""
 
 from __future__ import annotations
 
 import json
 
-from .common import add_base_args
+from .common import add_base_args, add_registry_args, registry_from_args
 
 
 def register(sub) -> None:
     p = sub.add_parser("registry", help="register, list, describe, pin and delete adapters")
-    p.add_argument("--data-dir", metavar="DIR", help="registry folder (default $MEDLEGO_DATA_DIR or ~/.medlego)")
+    add_registry_args(p)
     s = p.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
 
     add = s.add_parser("add", help="validate an adapter file against the base and register it as a new version")
     add.add_argument("name")
     add.add_argument("file", metavar="ADAPTER_FILE")
     add.add_argument("--alias", action="append", default=[], help="also point this alias at the new version")
+    add.add_argument("--move-aliases", action="store_true", help="move an --alias that already points elsewhere")
     add.add_argument("--max-rank", type=int, default=None, help="refuse adapters above this rank")
     add_base_args(add, required=False)
     add.set_defaults(func=_add)
@@ -43,18 +44,10 @@ def register(sub) -> None:
     al.add_argument("--remove", action="store_true")
     al.set_defaults(func=_alias)
 
-
-def _registry(args, with_base: bool = False):
-    from medlego.runtime.refs import default_data_dir
-    from medlego.runtime.registry import Registry
-
-    base = None
-    if with_base and getattr(args, "model", None):
-        from .common import load_base_from_args
-
-        base = load_base_from_args(args)
-    return Registry(default_data_dir(args.data_dir), base=base.spec if base else None,
-                    max_rank=getattr(args, "max_rank", None), input_size=base.input_size if base else None)
+    gc = s.add_parser("gc", help="remove stored files that no version references (left by killed registrations)")
+    gc.add_argument("--grace", type=float, default=None, metavar="SECONDS",
+                    help="remove temp files of uploads only when older than this (default: one hour)")
+    gc.set_defaults(func=_gc)
 
 
 def _add(args) -> int:
@@ -67,13 +60,19 @@ def _add(args) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise BadInputError(f"adapter file not found: {path}")
-    e = _registry(args, with_base=True).register(args.name, path.read_bytes(), args.alias)
+    base = None
+    if args.model:
+        from .common import load_base_from_args
+
+        base = load_base_from_args(args)
+    reg = registry_from_args(args, base=base, max_rank=args.max_rank)
+    e = reg.register(args.name, path.read_bytes(), args.alias, move_aliases=args.move_aliases)
     print(f"registered {e.ref} sha256={e.sha256} ({e.size} bytes, tasks: {', '.join(t['name'] for t in e.tasks)})")
     return 0
 
 
 def _list(args) -> int:
-    reg = _registry(args)
+    reg = registry_from_args(args)
     entries = reg.list()
     if args.json:
         print(json.dumps({"adapters": [e.to_json() for e in entries], "aliases": reg.aliases()}))
@@ -88,7 +87,7 @@ def _list(args) -> int:
 
 
 def _show(args) -> int:
-    print(json.dumps(_registry(args).describe(args.ref), indent=2))
+    print(json.dumps(registry_from_args(args).describe(args.ref), indent=2))
     return 0
 
 
@@ -96,13 +95,13 @@ def _delete(args) -> int:
     from medlego.runtime.registry import parse_ref
 
     name, version = parse_ref(args.ref)
-    gone = _registry(args).delete(name, version)
+    gone = registry_from_args(args).delete(name, version)
     print("deleted " + ", ".join(e.ref for e in gone))
     return 0
 
 
 def _pin(args) -> int:
-    reg = _registry(args)
+    reg = registry_from_args(args)
     e = reg.pin(args.ref) if args.action == "pin" else reg.unpin(args.ref)
     print(f"{args.action}ned {e.ref}")
     return 0
@@ -111,7 +110,7 @@ def _pin(args) -> int:
 def _alias(args) -> int:
     from medlego.runtime.errors import BadInputError
 
-    reg = _registry(args)
+    reg = registry_from_args(args)
     if args.remove:
         reg.remove_alias(args.alias)
         print(f"removed alias {args.alias}")
@@ -120,4 +119,13 @@ def _alias(args) -> int:
         raise BadInputError("give the alias target NAME[@VERSION], or --remove")
     e = reg.set_alias(args.alias, args.ref)
     print(f"alias {args.alias} -> {args.ref} (now {e.ref})")
+    return 0
+
+
+def _gc(args) -> int:
+    reg = registry_from_args(args)
+    out = reg.gc() if args.grace is None else reg.gc(grace_s=args.grace)
+    for sha in out["objects_removed"]:
+        print(f"removed unreferenced object {sha}")
+    print(f"gc: removed {len(out['objects_removed'])} unreferenced objects and {out['temp_files_removed']} stale temp files")
     return 0

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from .common import add_base_args
+from .common import add_base_args, add_registry_args
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
         description="Start the diagnosis server against a registry folder. The admin API needs "
                     "MEDLEGO_ADMIN_TOKEN (closed without it); MEDLEGO_API_TOKEN makes diagnosis need a token too.")
     add_base_args(p, required=False)
-    p.add_argument("--data-dir", metavar="DIR", help="registry folder (default $MEDLEGO_DATA_DIR or ~/.medlego)")
+    add_registry_args(p)
     p.add_argument("--config", metavar="FILE", help="TOML settings file (default $MEDLEGO_CONFIG); flags override it")
     p.add_argument("--host", help="listen address (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, help="REST port (default 8000)")
@@ -31,27 +31,34 @@ def register(sub) -> None:
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     r = p.add_argument_group("Ray Serve")
     r.add_argument("--ray", action="store_true", help="start a local Ray cluster and deploy with Ray Serve")
-    r.add_argument("--replicas", type=int, default=1, help="engine replicas (--ray)")
+    r.add_argument("--replicas", type=int, default=None, help="engine replicas, a fixed count (--ray; default 1)")
+    r.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas (--ray)")
+    r.add_argument("--max-replicas", type=int, help="autoscaling's upper bound (--ray)")
+    r.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="autoscaling's target of requests in flight per replica (--ray; default: --max-batch)")
     r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (--ray)")
     r.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (--ray)")
+    r.add_argument("--torch-threads", type=int, help="engine threads per replica (--ray; default: --replica-cpus)")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster (--ray)")
     p.set_defaults(func=_run)
 
 
 def config_from_args(args):
-    from medlego.runtime.refs import default_data_dir
-    from medlego.serving.config import load_config
+    from medlego.runtime.config import default_data_dir, load_config
 
     cfg = load_config(args.config)
     if args.model:
-        cfg.model, cfg.weights, cfg.pretrained = args.model, args.weights, args.pretrained
-    if args.data_dir or not cfg.data_dir or cfg.data_dir == "~/.medlego":
-        cfg.data_dir = str(default_data_dir(args.data_dir))
-    for flag, attr in (("host", "host"), ("port", "port"), ("grpc_port", "grpc_port"), ("log_level", "log_level")):
+        cfg.base.model, cfg.base.weights, cfg.base.pretrained = args.model, args.weights, args.pretrained
+    if args.data_dir:
+        cfg.server.data_dir = str(default_data_dir(args.data_dir))
+    for flag, attr in (("registry", "url"), ("store", "store"), ("cache_dir", "cache_dir")):
         if getattr(args, flag) is not None:
-            setattr(cfg, attr, getattr(args, flag))
+            setattr(cfg.registry, attr, getattr(args, flag))
+    for flag in ("host", "port", "grpc_port", "log_level"):
+        if getattr(args, flag) is not None:
+            setattr(cfg.server, flag, getattr(args, flag))
     if args.no_grpc:
-        cfg.grpc = False
+        cfg.server.grpc = False
     for flag in ("device", "dtype", "kernel", "slots"):
         if getattr(args, flag) is not None:
             setattr(cfg.engine, flag, getattr(args, flag))
@@ -62,26 +69,43 @@ def config_from_args(args):
 
 
 def _run(args) -> int:
-    from medlego.serving.auth import ADMIN_TOKEN_ENV
+    from medlego.runtime.config import ADMIN_TOKEN_ENV
 
     cfg = config_from_args(args)
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not cfg.admin_token:
+    srv = cfg.server
+    logging.basicConfig(level=srv.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not cfg.auth.admin_token:
         print(f"note: no admin token configured: the admin API is closed (set {ADMIN_TOKEN_ENV} to open it)",
               file=sys.stderr)
     if args.ray:
         return _run_ray(cfg, args)
-    from medlego.serving.config import build_service
     from medlego.serving.server import EmbeddedServer
+    from medlego.serving.service import DiagnosisService
 
-    service = build_service(cfg)
-    server = EmbeddedServer(service, host=cfg.host, port=cfg.port, grpc_port=cfg.grpc_port if cfg.grpc else None,
-                            log_level=cfg.log_level)
-    print(f"medlego serving {cfg.model} ({service.engine.device}) from {cfg.data_dir}: "
-          f"REST http://{cfg.host}:{cfg.port} (docs at /docs)"
-          + (f", gRPC {cfg.host}:{cfg.grpc_port}" if cfg.grpc else "") + "; Ctrl-C stops", flush=True)
+    service = DiagnosisService.from_config(cfg)
+    server = EmbeddedServer(service, host=srv.host, port=srv.port, grpc_port=srv.grpc_port if srv.grpc else None,
+                            log_level=srv.log_level, guard=srv)
+    print(f"medlego serving {cfg.base.model} ({service.engine.device}) from {srv.data_dir}: "
+          f"REST http://{srv.host}:{srv.port} (docs at /docs)"
+          + (f", gRPC {srv.host}:{srv.grpc_port}" if srv.grpc else "") + "; Ctrl-C stops", flush=True)
     server.run()
     return 0
+
+
+def _replica_shape(cfg, args):
+    from medlego.runtime.errors import BadInputError
+    from medlego.serving.ray_app import ReplicaShape
+
+    autoscaling = None
+    if args.min_replicas is not None or args.max_replicas is not None:
+        if args.replicas is not None:
+            raise BadInputError("give either --replicas or --min-replicas/--max-replicas, not both")
+        low = args.min_replicas if args.min_replicas is not None else 1
+        # a replica batches: about one full batch in flight per replica before another is started
+        target = args.target_ongoing_requests or cfg.batching.max_batch
+        autoscaling = {"min_replicas": low, "max_replicas": args.max_replicas or low, "target_ongoing_requests": target}
+    return ReplicaShape(replicas=args.replicas or 1, autoscaling=autoscaling, cpus=args.replica_cpus,
+                        gpus=args.replica_gpus, torch_threads=args.torch_threads)
 
 
 def _run_ray(cfg, args) -> int:
@@ -90,17 +114,23 @@ def _run_ray(cfg, args) -> int:
     from medlego.runtime.errors import BadInputError
     from medlego.serving.ray_app import start_local, stop_local
 
-    if not cfg.model:
+    if not cfg.base.model:
         raise BadInputError("no base model: give --model NAME --weights FILE")
-    if cfg.weights:
-        cfg.weights = os.path.abspath(cfg.weights)  # replicas may start elsewhere
-    cfg.data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir))
-    print(f"starting a local Ray cluster and deploying {args.replicas} replica(s)…", flush=True)
+    shape = _replica_shape(cfg, args)
+    # replicas may start in another working directory: every local path absolute
+    if cfg.base.weights:
+        cfg.base.weights = os.path.abspath(cfg.base.weights)
+    cfg.server.data_dir = os.path.abspath(os.path.expanduser(cfg.server.data_dir))
+    if cfg.registry.cache_dir:
+        cfg.registry.cache_dir = os.path.abspath(os.path.expanduser(cfg.registry.cache_dir))
+    srv = cfg.server
+    count = (f"{shape.autoscaling['min_replicas']}-{shape.autoscaling['max_replicas']} (autoscaling)"
+             if shape.autoscaling else str(shape.replicas))
+    print(f"starting a local Ray cluster and deploying {count} replica(s)…", flush=True)
     try:
-        start_local(cfg, replicas=args.replicas, num_cpus=args.num_cpus, replica_cpus=args.replica_cpus,
-                    replica_gpus=args.replica_gpus, grpc=cfg.grpc)
-        print(f"medlego on Ray Serve: REST http://{cfg.host}:{cfg.port}"
-              + (f", gRPC {cfg.host}:{cfg.grpc_port}" if cfg.grpc else "") + "; Ctrl-C stops", flush=True)
+        start_local(cfg, shape, num_cpus=args.num_cpus, grpc=srv.grpc)
+        print(f"medlego on Ray Serve: REST http://{srv.host}:{srv.port}"
+              + (f", gRPC {srv.host}:{srv.grpc_port}" if srv.grpc else "") + "; Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

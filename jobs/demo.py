@@ -40,7 +40,7 @@ class DemoRegistry:
 
 def _sample_files(root: Path, task: str, npz: Path, labels, multilabel: bool) -> dict:
     """A test image of the task as PNG (and, for the grey chest task, also as DICOM) + its true label(s)."""
-    from .sample_images import encode_dicom, encode_png
+    from .synthetic import encode_dicom, encode_png
 
     data = np.load(npz, allow_pickle=False)
     img, lab = data["test_images"][0], data["test_labels"][0]
@@ -86,7 +86,7 @@ def build_demo(root: str | Path, *, epochs: int = 6, log=print) -> DemoRegistry:
     for seed, (task, labels, multilabel, rgb) in enumerate(DEMO_TASKS):
         npz = root / "datasets" / f"{task}.npz"
         if not npz.is_file():
-            from medlego.jobs.synthetic_data import make_synthetic_medmnist
+            from medlego.jobs.synthetic import make_synthetic_medmnist
 
             make_synthetic_medmnist(npz, classes=len(labels), multilabel=multilabel, size=DEMO_SIZE, rgb=rgb,
                                     n_train=200, n_val=60, n_test=60, seed=100 + seed)
@@ -99,7 +99,7 @@ def build_demo(root: str | Path, *, epochs: int = 6, log=print) -> DemoRegistry:
             demo.notes.append(note)
         reg.register(task, data)
     if MERGED_NAME not in existing:
-        from medlego.jobs.merge import merge_adapters
+        from medlego.runtime.adapter_merge import merge_adapters
 
         loaded = [reg.load(t) for t in trained]
         merged, report = merge_adapters([a for _, a in loaded], "med-lego", {"threshold": 0.997, "max_rank": 16},
@@ -124,7 +124,7 @@ def _train_or_random(base, npz: Path, task: str, labels, epochs: int, seed: int,
         from medlego.jobs.train import TrainConfig, train_adapter
     except ImportError as e:  # a checkout without the fine-tuning entrypoint
         from medlego.runtime.adapter import TaskSpec
-        from medlego.runtime.synthetic import random_adapter
+        from medlego.jobs.synthetic import random_adapter
 
         note = f"{task}: random adapter (training code unavailable: {e})"
         log(f"note: {note}")

@@ -1,0 +1,82 @@
+"""The one serving contract: what every front door (REST, gRPC, Ray's proxies) calls.
+
+:class:`DiagnosisAPI` is implemented twice — by the in-process :class:`~.service.DiagnosisService`
+(one engine in this process) and by the Ray ingress's :class:`~.ray_app.RayFrontend` (engines in
+replicas) — and the REST app and the gRPC servicer are each written once against it. Every method
+is a coroutine; every expected failure is a :class:`~medlego.runtime.errors.MedlegoError`, whose
+class decides the answer on every transport (``runtime/errors.py``). Answers are the JSON the
+REST API returns; the gRPC layer converts them to protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from medlego.runtime.config import Limits
+from medlego.runtime.errors import MedlegoError
+
+from .auth import Auth
+
+# The registry writes; each is a method of the contract and needs the admin token.
+ADMIN_OPERATIONS = ("register", "delete", "pin", "unpin", "set_alias", "remove_alias", "merge")
+
+
+@dataclass
+class DiagnoseItem:
+    """One image to diagnose, as any transport receives it."""
+
+    image: bytes
+    adapter: str
+    task: str | None = None
+    top_k: int | None = None
+
+
+@dataclass
+class MergeSpec:
+    """A merge of registered adapters, registered under `name` (the merge job's inputs)."""
+
+    name: str
+    sources: list[str]
+    method: str = "med-lego"
+    params: dict = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+    task_names: list[str] | None = None
+    move_aliases: bool = False
+
+
+@runtime_checkable
+class DiagnosisAPI(Protocol):
+    limits: Limits
+    auth: Auth
+
+    # diagnosis (API token)
+    async def diagnose(self, item: DiagnoseItem, api: str) -> dict: ...
+    async def diagnose_many(self, items: list[DiagnoseItem], api: str) -> list[dict]: ...
+
+    # registry reads (API token)
+    async def list_adapters(self) -> dict: ...
+    async def describe(self, ref: str) -> dict: ...
+    async def aliases(self) -> dict[str, str]: ...
+
+    # registry writes (admin token): ADMIN_OPERATIONS
+    async def register(self, name: str, data: bytes, aliases: list[str], move_aliases: bool = False) -> dict: ...
+    async def delete(self, ref: str, all_versions: bool = False) -> list[str]: ...
+    async def pin(self, ref: str) -> dict: ...
+    async def unpin(self, ref: str) -> dict: ...
+    async def set_alias(self, alias: str, target: str) -> dict: ...
+    async def remove_alias(self, alias: str) -> None: ...
+    async def merge(self, spec: MergeSpec) -> dict: ...
+
+    # ops
+    async def health(self) -> dict: ...
+    async def info(self) -> dict: ...
+    async def metrics_text(self) -> bytes: ...
+
+
+def item_error(index: int, count: int, error: BaseException) -> BaseException:
+    """The error of item `index` of a `count`-item request, with the item named when there are several."""
+    if count > 1 and isinstance(error, MedlegoError):
+        named = type(error)(f"image {index}: {error}")
+        return named
+    return error

@@ -1,0 +1,61 @@
+"""A real embedded server on loopback for the tests: its own base model (engines must not share a
+model's LoRA state), a registry folder, and the service settings each test wants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medlego.runtime.base import load_base
+from medlego.runtime.config import BatchingConfig, EngineConfig, Limits, ServerConfig
+from medlego.runtime.engine import Engine
+from medlego.runtime.registry import Registry
+from medlego.serving.auth import Auth
+from medlego.serving.server import EmbeddedServer
+from medlego.serving.service import DiagnosisService
+
+TINY_MODEL = "vit_tiny_patch16_224"
+
+
+def start_server(base_file, data_dir, *, auth: Auth | None = None, limits: Limits | None = None,
+                 batching: BatchingConfig | None = None, engine: EngineConfig | None = None, grpc: bool = False,
+                 guard: ServerConfig | None = None) -> EmbeddedServer:
+    base = load_base(TINY_MODEL, base_file)
+    registry = Registry(data_dir, base=base.spec, max_rank=16, input_size=base.input_size)
+    service = DiagnosisService(Engine(base, registry, engine or EngineConfig(slots=8)), auth=auth or Auth(),
+                               limits=limits or Limits(),
+                               batching=batching or BatchingConfig(max_batch=16, max_wait_ms=3))
+    return EmbeddedServer(service, host="127.0.0.1", port=0, grpc_port=0 if grpc else None, guard=guard).start()
+
+
+def wait_ready(url: str, proc, log_path=None, timeout: float = 180.0) -> None:
+    """Wait for a `medlego serve` process's /readyz; fail with its output if it exits or never gets ready."""
+    import time
+
+    import httpx
+
+    def output() -> str:
+        if log_path is not None:
+            return Path(log_path).read_text()[-2000:]
+        return proc.stdout.read() if proc.stdout else ""
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}: {output()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"server at {url} not ready in {timeout:.0f} s: {output()}")
+
+
+def seeded_registry(data_dir, base, names: list[str], seed: int, **adapter_kwargs) -> Path:
+    """A registry folder holding one random adapter per name (seeds seed, seed + 1, …)."""
+    from medlego.jobs.synthetic import random_adapter
+
+    registry = Registry(data_dir, base=base.spec)
+    for i, name in enumerate(names):
+        registry.register(name, random_adapter(base.spec, base.preprocess, seed=seed + i, **adapter_kwargs).to_bytes())
+    return Path(data_dir)
