@@ -1,7 +1,8 @@
 """Load benchmark: the served system vs the engine called in-process, 32 adapters uniformly mixed.
 
-    python -m medlego.benchmarks.load_bench                       # embedded and Ray, defaults below
-    python -m medlego.benchmarks.load_bench --modes embedded --requests 256
+    python -m medlego.benchmarks.load_bench                       # embedded, then Ray Serve with one replica
+    python -m medlego.benchmarks.load_bench --replicas 1,2        # Ray with one, then two replicas
+    python -m medlego.benchmarks.load_bench --modes embedded --rounds 0 --label before   # light load only
 
 One run: build a base (``--model`` at ``--img-size``, seeded random weights) and a registry of
 ``--adapters`` random SVD-LoRA adapters (ranks 2..8); encode ``--images`` distinct PNGs; draw a
@@ -10,16 +11,19 @@ engine's own ``infer`` on the preprocessed plan, in batches of ``--max-batch``, 
 gives the answer for every pair and the throughput to match. Then, per mode:
 
 * **embedded**: ``EmbeddedServer`` (REST) in this process;
-* **ray**: a local Ray Serve deployment (``--replicas`` engine replicas behind the FastAPI ingress,
-  adapter-affine routing);
+* **ray**: a local Ray Serve deployment per count in ``--replicas`` (engine replicas behind the
+  FastAPI ingress, adapter-affine routing; several replicas split the cores);
 
 each loaded from a *separate process* on loopback: ``--concurrency`` requests in flight (closed
 loop), ``--requests`` per round (a bounded load), multipart PNG uploads to ``/v1/diagnose``,
 ``--rounds`` rounds, each bracketed by in-process runs (the machine may be shared, so every ratio
 is taken against the reference measured beside it); then a light load (``--light-concurrency``
-in flight) for latency. Every answer is checked against the in-process answer for its image and
-adapter (adapter, sha256, task, every probability within 1e-4). Reported: throughput (images/s)
-and its ratio to the in-process engine, p50/p99 latency, errors, mismatches.
+in flight) for latency, beside the engine alone on one batch of that size (its floor). Every
+answer is checked against the in-process answer for its image and adapter (adapter, sha256,
+task, every probability within 1e-4). Reported: throughput (images/s) and its ratio to the
+in-process engine and to the embedded server, p50/p99 latency, the median of each stage of the
+answers' ``timings_ms``, the load average at each start, errors, mismatches; ``--baseline``
+adds earlier runs' light-load rows (before/after a change).
 Results: ``benchmarks/results/load_bench.{json,md}``.
 """
 
@@ -30,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -80,7 +85,7 @@ async def _client_main(url: str, plan: list, images_dir: Path, concurrency: int,
             t1 = time.perf_counter()
             if status == 200:
                 body = {k: body.get(k) for k in ("adapter", "version", "sha256", "task", "probabilities", "replica",
-                                                  "multiplex_hit")}
+                                                  "multiplex_hit", "timings_ms")}
             results[n] = {"status": status, "latency_s": t1 - t0, "body": body}
 
     t_start = time.perf_counter()
@@ -166,6 +171,19 @@ class InProcess:
         return [{"adapter": d.adapter, "sha256": d.sha256, "task": d.task, "probabilities": d.probabilities}
                 for d in answers], len(plan) / elapsed
 
+    def batch_ms(self, n: int, repeats: int = 9) -> float:
+        """Median ms of one `infer` of the plan's first `n` images: the floor of a light-load latency."""
+        import torch
+
+        chunk = self.plan[:n]
+        pixels, refs = torch.stack([self.tensors[i] for i, _ in chunk]), [a for _, a in chunk]
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.engine.infer(pixels, refs)
+            times.append(time.perf_counter() - t0)
+        return round(float(np.median(times)) * 1000, 1)
+
 
 def check(results: list, expected: list) -> tuple[int, int, list]:
     errors, mismatches, examples = 0, 0, []
@@ -186,22 +204,43 @@ def check(results: list, expected: list) -> tuple[int, int, list]:
     return errors, mismatches, examples
 
 
+def stage_medians(bodies: list[dict], latencies_ms: np.ndarray) -> dict:
+    """Median ms per stage of the server's own timings, and the rest of the client's latency.
+
+    ``outside_server``: client latency minus the server's ``total`` (HTTP, the event loop before
+    the handler, Ray's proxy and ingress, the client itself)."""
+    timings = [b.get("timings_ms") or {} for b in bodies]
+    keys = sorted({k for t in timings for k in t})
+    out = {k: round(float(np.median([t[k] for t in timings if k in t])), 1) for k in keys}
+    totals = np.array([t.get("total", np.nan) for t in timings])
+    if np.isfinite(totals).all():
+        out["outside_server"] = round(float(np.median(latencies_ms - totals)), 1)
+    return out
+
+
 def summarize(mode: str, run: dict, expected: list, extra: dict | None = None) -> dict:
     results = run["results"]
-    lat = np.array([r["latency_s"] for r in results if r["status"] == 200]) * 1000
+    ok = [r for r in results if r["status"] == 200]
+    lat = np.array([r["latency_s"] for r in ok]) * 1000
     errors, mismatches, examples = check(results, expected)
     throughput = len(results) / run["wall_s"]
     out = {"mode": mode, "requests": len(results), "wall_s": round(run["wall_s"], 3),
            "throughput_img_s": round(throughput, 2),
            "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
            "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
-           "errors": errors, "mismatches": mismatches, "examples": examples}
-    if results and results[0]["status"] == 200 and results[0]["body"].get("replica"):
-        bodies = [r["body"] for r in results if r["status"] == 200]
+           "errors": errors, "mismatches": mismatches, "examples": examples,
+           "stages_ms": stage_medians([r["body"] for r in ok], lat) if ok else {}}
+    if ok and ok[0]["body"].get("replica"):
+        bodies = [r["body"] for r in ok]
         out["replicas"] = sorted({b["replica"] for b in bodies})
         out["multiplex_hit_ratio"] = round(sum(bool(b.get("multiplex_hit")) for b in bodies) / len(bodies), 3)
     out.update(extra or {})
     return out
+
+
+def load_average() -> float:
+    """The 1-minute load average: how busy the shared machine was (this run's own processes included)."""
+    return round(os.getloadavg()[0], 2)
 
 
 def _free_port() -> int:
@@ -227,34 +266,42 @@ def _warm(url: str, names: list, images_dir: Path) -> None:
 
 
 def measured_rounds(label: str, url: str, args, plan, light_plan, images_dir, expected, light_expected,
-                    reference: InProcess | None, work: Path, extra=None) -> list[dict]:
-    """Per round: in-process engine, then the load on the server, then the in-process engine again.
+                    reference: InProcess | None, work: Path, extra=None) -> tuple[list[dict], dict]:
+    """Per round: in-process engine, then the load on the server, then the in-process engine again;
+    then the light load (latency), after a floor measurement: the engine alone on one light batch.
 
     The machine may be shared, so each ratio is taken against the in-process runs right beside it
-    (reference None: the caller measures them, and fills the ratio in)."""
+    (reference None: the caller measures them, and fills the ratio and the floor in)."""
     rounds = []
     for k in range(args.rounds):
         before = reference.run()[1] if reference else float("nan")
+        load = load_average()
         run = run_client_process(url, plan, images_dir, args.concurrency, work)
         extra_now = extra() if extra else {}
         after = reference.run()[1] if reference else float("nan")
         r = summarize(label, run, expected, extra_now)
-        r.update(round=k + 1, in_process_before_img_s=round(before, 2), in_process_after_img_s=round(after, 2),
+        r.update(round=k + 1, load_avg=load, in_process_before_img_s=round(before, 2),
+                 in_process_after_img_s=round(after, 2),
                  ratio_vs_in_process=round(r["throughput_img_s"] / ((before + after) / 2), 3))
         rounds.append(r)
         print(json.dumps({k2: v for k2, v in r.items() if k2 != "examples"}), flush=True)
+    floor = reference.batch_ms(args.light_concurrency) if reference else None
+    load = load_average()
     light = summarize(label, run_client_process(url, light_plan, images_dir, args.light_concurrency, work),
-                      light_expected)
-    return rounds, {k: light[k] for k in ("requests", "throughput_img_s", "p50_ms", "p99_ms", "errors", "mismatches")}
+                      light_expected, extra() if extra else {})
+    light = {k: light[k] for k in ("mode", "requests", "throughput_img_s", "p50_ms", "p99_ms", "errors", "mismatches",
+                                   "stages_ms", "mean_batch_size") if k in light}
+    light.update(load_avg=load, engine_batch_ms=floor)
+    print(json.dumps({"light": light}), flush=True)
+    return rounds, light
 
 
 def run_embedded(args, weights, data, images_dir, names, plans, expected, reference, work):
     from medlego.runtime.base import load_base
-    from medlego.runtime.config import EngineConfig
+    from medlego.runtime.config import BatchingConfig, EngineConfig
     from medlego.runtime.engine import Engine
     from medlego.runtime.registry import Registry
     from medlego.serving.server import EmbeddedServer
-    from medlego.runtime.config import BatchingConfig
     from medlego.serving.service import DiagnosisService
 
     base = load_base(args.model, weights)
@@ -279,9 +326,9 @@ def run_embedded(args, weights, data, images_dir, names, plans, expected, refere
         server.stop()
 
 
-def run_ray(args, weights, data, images_dir, names, plans, expected, reference, work):
+def run_ray(args, replicas: int, weights, data, images_dir, names, plans, expected, reference, work):
     from medlego.runtime.config import ServeConfig
-    from medlego.serving.ray_app import start_local, stop_local
+    from medlego.serving.ray_app import ReplicaShape, start_local, stop_local
 
     cfg = ServeConfig()
     cfg.base.model, cfg.base.weights, cfg.server.data_dir = args.model, str(weights), str(data)
@@ -289,13 +336,15 @@ def run_ray(args, weights, data, images_dir, names, plans, expected, reference, 
     cfg.engine.slots = 64
     cfg.batching.max_batch, cfg.batching.max_wait_ms = args.max_batch, args.max_wait_ms
     cpus = os.cpu_count() or 2
-    label = f"Ray Serve ({args.replicas} replica{'s' if args.replicas > 1 else ''})"
+    # one replica gets what the embedded engine gets; several split the cores
+    shape = ReplicaShape(replicas=replicas, cpus=cpus / replicas, torch_threads=max(1, args.torch_threads // replicas))
+    label = f"Ray Serve ({replicas} replica{'s' if replicas > 1 else ''}, {cpus} cores)"
     # Ray's own processes use CPU even when idle, so the in-process engine is measured with Ray down:
     # right before it starts and right after it stops
     _, before = reference.run()
+    floor = reference.batch_ms(args.light_concurrency)
     try:
-        start_local(cfg, replicas=args.replicas, num_cpus=cpus, replica_cpus=cpus / args.replicas,
-                    torch_threads=max(1, cpus // args.replicas), grpc=False)
+        start_local(cfg, shape, num_cpus=cpus, grpc=False)
         url = f"http://127.0.0.1:{cfg.server.port}"
         _warm(url, names, images_dir)
         rounds, light = measured_rounds(label, url, args, plans[0], plans[1], images_dir, expected[0], expected[1],
@@ -307,7 +356,33 @@ def run_ray(args, weights, data, images_dir, names, plans, expected, reference, 
         r.update(in_process_before_img_s=round(before, 2), in_process_after_img_s=round(after, 2),
                  ratio_vs_in_process=round(r["throughput_img_s"] / ((before + after) / 2), 3),
                  reference="in-process engine measured right before Ray started and right after it stopped")
+    light["engine_batch_ms"] = floor
     return rounds, light
+
+
+def compare_to_embedded(modes: list[dict]) -> list[dict]:
+    """Each other mode against the embedded server: throughput (raw, and with each normalized by
+    its own in-process reference) and the light-load p50 difference."""
+    embedded = next((m for m in modes if m["mode"].startswith("embedded")), None)
+    if embedded is None:
+        return []
+    out = []
+    for m in modes:
+        if m is embedded:
+            continue
+        c = {"mode": m["mode"], "light_p50_delta_ms": round(m["light"]["p50_ms"] - embedded["light"]["p50_ms"], 1)}
+        if m["rounds"] and embedded["rounds"]:
+            served = float(np.median([r["throughput_img_s"] for r in m["rounds"]]))
+            base = float(np.median([r["throughput_img_s"] for r in embedded["rounds"]]))
+            c.update(throughput_ratio=round(served / base, 3),
+                     normalized_ratio=round(m["median_ratio"] / embedded["median_ratio"], 3))
+        out.append(c)
+    return out
+
+
+def _stages(stages: dict) -> str:
+    order = ("decode", "queue", "inference", "prepare", "total", "ingress_total", "outside_server")
+    return ", ".join(f"{k} {stages[k]}" for k in order if k in stages)
 
 
 def write_results(report: dict, out: Path) -> None:
@@ -319,15 +394,17 @@ def write_results(report: dict, out: Path) -> None:
         f"Base `{s['model']}` at {s['img_size']} px; {s['adapters']} adapters (ranks 2-8) uniformly mixed; "
         f"{s['images']} distinct {s['img_size']}x{s['img_size']} PNGs. Load: a separate client process on loopback, "
         f"closed loop with {s['concurrency']} requests in flight, {s['requests']} requests per round (multipart "
-        f"uploads to `/v1/diagnose`); batcher max_batch {s['max_batch']}, max_wait {s['max_wait_ms']} ms. "
+        f"uploads to `/v1/diagnose`); batcher max_batch {s['max_batch']}, max_wait {s['max_wait_ms']} ms; engine "
+        f"{s['torch_threads']} torch thread(s), OMP_WAIT_POLICY {s['omp_wait_policy']}. "
         f"In-process reference: `engine.infer` on preprocessed tensors in batches of {s['max_batch']} (no decoding, "
         f"no HTTP), run right before and right after each round (for Ray: before the cluster starts and after it "
         f"stops, since its idle processes use CPU too); the ratio uses their mean. Every answer is "
         f"checked against the in-process answer for its image and adapter (abs tolerance {TOLERANCE}). "
-        f"Machine: {s['machine']}.", "",
-        "| mode | round | served (img/s) | in-process before / after (img/s) | reference drift | served / in-process "
-        "| p50 (ms) | p99 (ms) | errors | mismatches | notes |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"Machine: {s['machine']}; load: the 1-minute load average when the round started (this run's own "
+        f"processes included).", "",
+        "| mode | round | load | served (img/s) | in-process before / after (img/s) | reference drift | "
+        "served / in-process | p50 (ms) | p99 (ms) | errors | mismatches | notes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for mode in report["modes"]:
         for r in mode["rounds"]:
@@ -339,21 +416,58 @@ def write_results(report: dict, out: Path) -> None:
             b, a = r["in_process_before_img_s"], r["in_process_after_img_s"]
             drift = abs(b - a) / ((b + a) / 2)  # large: the shared machine's load changed during the round
             lines.append(
-                f"| {r['mode']} | {r['round']} | {r['throughput_img_s']:.2f} | {b:.2f} / {a:.2f} | {drift:.0%} | "
-                f"{r['ratio_vs_in_process']:.3f} | {r['p50_ms']} | {r['p99_ms']} | "
+                f"| {r['mode']} | {r['round']} | {r['load_avg']} | {r['throughput_img_s']:.2f} | {b:.2f} / {a:.2f} | "
+                f"{drift:.0%} | {r['ratio_vs_in_process']:.3f} | {r['p50_ms']} | {r['p99_ms']} | "
                 f"{r['errors']} | {r['mismatches']} | {', '.join(notes)} |")
-    lines += ["", f"Latency under light load ({s['light_concurrency']} in flight, {s['light_requests']} requests):", "",
-              "| mode | p50 (ms) | p99 (ms) | img/s | errors | mismatches |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", f"Latency under light load ({s['light_concurrency']} in flight, {s['light_requests']} requests); "
+              f"engine alone: one in-process `infer` of {s['light_concurrency']} images; stages: the median ms of "
+              "the answers' `timings_ms`, `outside_server` = client latency − the server's `total`:", "",
+              "| mode | load | p50 (ms) | p99 (ms) | img/s | engine alone (ms) | mean batch | stages (median ms) | "
+              "errors | mismatches |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for mode in report["modes"]:
         lt = mode["light"]
-        lines.append(f"| {mode['mode']} | {lt['p50_ms']} | {lt['p99_ms']} | {lt['throughput_img_s']:.2f} | "
-                     f"{lt['errors']} | {lt['mismatches']} |")
+        lines.append(f"| {mode['mode']} | {lt['load_avg']} | {lt['p50_ms']} | {lt['p99_ms']} | "
+                     f"{lt['throughput_img_s']:.2f} | {lt['engine_batch_ms']} | {lt.get('mean_batch_size', '')} | "
+                     f"{_stages(lt['stages_ms'])} | {lt['errors']} | {lt['mismatches']} |")
     lines += ["", "The machine is shared with other jobs: a round whose in-process runs before and after differ a lot "
-              "(reference drift) saw the load change under it, and its ratio is unreliable.", "",
-              "Median served / in-process ratio per mode: " + ", ".join(
-        f"{m['mode']} {m['median_ratio']:.3f}" for m in report["modes"]) + " (goal ≥ 0.9).", "",
-        f"Command: `{report['command']}`", ""]
+              "(reference drift) saw the load change under it, and its ratio is unreliable.", ""]
+    with_rounds = [m for m in report["modes"] if m["median_ratio"] is not None]
+    if with_rounds:
+        lines.append("Median served / in-process ratio per mode: " + ", ".join(
+            f"{m['mode']} {m['median_ratio']:.3f}" for m in with_rounds) + " (goal ≥ 0.9).")
+    for c in report["vs_embedded"]:
+        throughput = (f"throughput {c['throughput_ratio']:.3f}× (each normalized by its own in-process reference: "
+                      f"{c['normalized_ratio']:.3f}×; goal ≥ 0.85× for one replica), " if "throughput_ratio" in c else "")
+        lines.append(f"{c['mode']} vs embedded: {throughput}light-load p50 {c['light_p50_delta_ms']:+.1f} ms "
+                     "(goal within 5 ms).")
+    lines += _baseline_lines(report)
+    lines += ["", f"Command: `{report['command']}`", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
+
+
+def baseline_of(path: Path) -> dict:
+    """What a previous run's report contributes to this one's light-load comparison."""
+    old = json.loads(path.read_text())
+    return {"label": old.get("label") or path.name, "command": old["command"],
+            "modes": [{"mode": m["mode"], "light": m["light"]} for m in old["modes"]]}
+
+
+def _baseline_lines(report: dict) -> list[str]:
+    """This run's light-load rows beside those of the --baseline runs (before/after a change)."""
+    if not report["baselines"]:
+        return []
+    lines = ["", "Light load, this run beside earlier runs (`--baseline`; each run's own command below):", "",
+             "| run | mode | load | p50 (ms) | p99 (ms) | img/s | mean batch | stages (median ms) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    runs = [*report["baselines"], {"label": report["label"] or "this run", "command": report["command"],
+                                   "modes": report["modes"]}]
+    for run in runs:
+        for m in run["modes"]:
+            lt = m["light"]
+            lines.append(f"| {run['label']} | {m['mode']} | {lt['load_avg']} | {lt['p50_ms']} | {lt['p99_ms']} | "
+                         f"{lt['throughput_img_s']:.2f} | {lt.get('mean_batch_size', '')} | {_stages(lt['stages_ms'])} |")
+    lines += [""] + [f"* {run['label']}: `{run['command']}`" for run in runs[:-1]]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,9 +483,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--light-concurrency", type=int, default=4)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--replicas", type=int, default=2, help="Ray engine replicas (each gets cores // replicas torch threads)")
+    p.add_argument("--replicas", default="1",
+                   help="Ray engine replicas, one Ray mode per comma-separated count (they split the cores)")
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
+                   help="engine threads: the in-process reference, the embedded server, one Ray replica")
+    p.add_argument("--omp-wait-policy", choices=["passive", "active", "unset"], default="unset",
+                   help="OMP_WAIT_POLICY of this process and Ray's (set before torch loads OpenMP)")
     p.add_argument("--modes", default="embedded,ray")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default="", help="what this run is (shown when a later run compares with it)")
+    p.add_argument("--baseline", action="append", default=[], type=Path, metavar="JSON",
+                   help="an earlier run's results: its light-load rows are shown beside this run's (repeatable)")
     p.add_argument("--out", default=str(RESULTS / "load_bench"))
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
@@ -383,10 +505,15 @@ def main(argv: list[str] | None = None) -> int:
         plan = [tuple(x) for x in json.loads(Path(args.plan).read_text())]
         asyncio.run(_client_main(args.url, plan, Path(args.images_dir), args.concurrency, Path(args.client_out)))
         return 0
+    if args.omp_wait_policy != "unset":
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # read once, when libgomp loads with torch
 
     import torch
 
+    torch.set_num_threads(args.torch_threads)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    runs = [(m, None) for m in modes if m == "embedded"] + [
+        ("ray", int(n)) for n in args.replicas.split(",") if "ray" in modes]
     results = []
     with tempfile.TemporaryDirectory(prefix="medlego-load-") as tmp:
         work = Path(tmp)
@@ -395,23 +522,28 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         reference = InProcess(args, weights, data, images_dir, names, plans[0])
         expected = [reference.run(plans[0])[0], reference.run(plans[1])[0]]
-        for mode in modes:
-            fn = {"embedded": run_embedded, "ray": run_ray}[mode]
-            rounds, light = fn(args, weights, data, images_dir, names, plans, expected, reference, work)
-            ratios = sorted(r["ratio_vs_in_process"] for r in rounds)
-            results.append({"mode": rounds[0]["mode"], "rounds": rounds, "light": light,
-                            "median_ratio": round(float(np.median(ratios)), 3)})
+        for mode, replicas in runs:
+            world = (weights, data, images_dir, names, plans, expected, reference, work)
+            rounds, light = (run_embedded(args, *world) if mode == "embedded" else run_ray(args, replicas, *world))
+            ratios = [r["ratio_vs_in_process"] for r in rounds]
+            results.append({"mode": light["mode"], "rounds": rounds, "light": light,
+                            "median_ratio": round(float(np.median(ratios)), 3) if ratios else None})
     report = {
         "setup": {"model": args.model, "img_size": args.img_size, "adapters": args.adapters, "images": args.images,
                   "requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,
                   "light_requests": args.light_requests, "light_concurrency": args.light_concurrency,
                   "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "replicas": args.replicas,
+                  "torch_threads": args.torch_threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
                   "seed": args.seed,
                   "machine": (f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), torch "
-                              f"{torch.__version__} ({torch.get_num_threads()} threads), no GPU")
+                              f"{torch.__version__}, no GPU")
                   if not torch.cuda.is_available() else torch.cuda.get_device_name(0)},
         "modes": results,
-        "command": "python -m medlego.benchmarks.load_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "vs_embedded": compare_to_embedded(results),
+        "label": args.label,
+        "baselines": [baseline_of(path) for path in args.baseline],
+        "command": shlex.join(["python", "-m", "medlego.benchmarks.load_bench",
+                               *(argv if argv is not None else sys.argv[1:])]),
     }
     write_results(report, Path(args.out))
     print(Path(args.out).with_suffix(".md").read_text())

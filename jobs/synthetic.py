@@ -10,8 +10,9 @@ measured without downloading a model or a dataset.
   class is which texture is present; multi-label: each label is the presence of its texture.
   Textures are global, so even a randomly initialised ViT (the tests' base) carries the signal
   and an adapter learns it in a few CPU epochs.
-* :func:`encode_png` / :func:`encode_jpeg` / :func:`encode_dicom` and :func:`random_image`: the
-  files the demo, the load benchmark and the tests send to the servers.
+* :func:`encode_png` / :func:`encode_jpeg` / :func:`encode_dicom`, :func:`write_image_files` and
+  :func:`random_image`: the files the demo, ``medlego samples``, the load benchmark and the tests
+  send to the servers.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _pattern(size: int, k: int) -> np.ndarray:
     return np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy))
 
 
-def _image(rng, size: int, present, rgb: bool, offset: int = 0) -> np.ndarray:
+def _image(rng, size: int, present, rgb: bool, offset: int = 0, full_range: bool = False) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size] / size
     img = 0.35 + 0.05 * rng.standard_normal((size, size))
     for k in present:
@@ -69,6 +70,8 @@ def _image(rng, size: int, present, rgb: bool, offset: int = 0) -> np.ndarray:
     cy, cx = rng.uniform(0.2, 0.8, 2)  # an unrelated bright spot: position carries no label
     img += 0.3 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.07 ** 2))
     img = np.clip(img, 0, 1)
+    if full_range:  # darkest pixel 0, brightest 1: what a DICOM decodes to (min-max), so both formats agree
+        img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
     if rgb:  # a stain-like tint
         img = np.stack([img, img * 0.8 + 0.1, img * 0.9], -1)
     return (img * 255).astype(np.uint8)
@@ -76,10 +79,11 @@ def _image(rng, size: int, present, rgb: bool, offset: int = 0) -> np.ndarray:
 
 def make_synthetic_medmnist(path: str | Path, *, classes: int = 4, multilabel: bool = False, size: int = 28,
                             rgb: bool = False, n_train: int = 200, n_val: int = 60, n_test: int = 60,
-                            seed: int = 0, pattern_offset: int = 0) -> Path:
+                            seed: int = 0, pattern_offset: int = 0, full_range: bool = False) -> Path:
     """Write ``train_images``/``train_labels``/``val_*``/``test_*`` like medmnist does ([N, 1] int labels,
     or [N, C] 0/1 for multi-label). ``pattern_offset`` shifts which textures the labels use, so that
-    several datasets are different tasks (the merge table uses it)."""
+    several datasets are different tasks (the merge table uses it). ``full_range`` stretches each
+    image to 0..255, as a DICOM decodes (min-max), so that its PNG and DICOM files are the same image."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
@@ -93,7 +97,7 @@ def make_synthetic_medmnist(path: str | Path, *, classes: int = 4, multilabel: b
                 c = int(rng.integers(classes))
                 present = [c]
                 labels.append([c])
-            imgs.append(_image(rng, size, present, rgb, pattern_offset))
+            imgs.append(_image(rng, size, present, rgb, pattern_offset, full_range))
         arrays[f"{split}_images"] = np.stack(imgs)
         arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.uint8 if multilabel else np.int64)
     out = Path(path)
@@ -152,6 +156,22 @@ def encode_dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stor
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def write_image_files(pixels: np.ndarray, stem: str | Path) -> list[Path]:
+    """One image as ``STEM.png``, ``STEM.jpg`` and, for a grey image, ``STEM.dcm`` (DICOM here is
+    greyscale only); the paths written."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    encoders = {".png": encode_png, ".jpg": encode_jpeg}
+    if np.asarray(pixels).ndim == 2:
+        encoders[".dcm"] = lambda a: encode_dicom(_uint8(a).astype(np.float32) / 255.0)
+    paths = []
+    for suffix, encode in encoders.items():
+        path = stem.with_name(stem.name + suffix)
+        path.write_bytes(encode(pixels))
+        paths.append(path)
+    return paths
 
 
 def random_image(seed: int, size: int = 48, rgb: bool = True) -> np.ndarray:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medlego.runtime.adapter import Adapter, Head, Preprocess, TaskSpec, atomic_write, save_adapter, serialize_safetensors, utc_now
+from medlego.runtime.adapter import _TASK_NAME  # the file format's rule for task names, not a copy of it
 from medlego.runtime.base import BaseModel
 from medlego.runtime.errors import BadInputError
 from medlego.runtime.lora import TrainableSVDLoRA
@@ -121,7 +122,7 @@ class _Trainer:
         self.lora.train()
         total, count, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="step",
-                   disable=not self.cfg.progress, leave=False)
+                   disable=None if self.cfg.progress else True, leave=False)  # None: off when not a terminal
         for s in bar:
             idx = order[s * self.cfg.batch_size:(s + 1) * self.cfg.batch_size]
             logits = self.forward(split.images[idx])
@@ -219,9 +220,26 @@ def train_adapter(base: BaseModel, data: Dataset, cfg: TrainConfig, *, init: tup
         torch.use_deterministic_algorithms(previous)
 
 
+def check_task(name: str, labels: tuple[str, ...] | list[str] | None = None, multilabel: bool = False) -> None:
+    """The task name and labels an adapter file will accept (runtime/adapter.py's rules), checked
+    before training so that a run never ends in an adapter that cannot be loaded."""
+    if not _TASK_NAME.match(name):
+        raise BadInputError(f"task name {name!r} must be letters, digits, '_' or '-' (it names tensors in the file)")
+    if labels is None:
+        return
+    if any(not label.strip() for label in labels):
+        raise BadInputError(f"task '{name}': a label is empty ({', '.join(map(repr, labels))})")
+    twice = sorted({label for label in labels if list(labels).count(label) > 1})
+    if twice:
+        raise BadInputError(f"task '{name}': label(s) {', '.join(twice)} given more than once")
+    if not multilabel and len(labels) < 2:
+        raise BadInputError(f"task '{name}': a single-label task needs at least 2 labels")
+
+
 def _train(base, data, cfg, init, workdir, resume, log) -> TrainResult:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.rank < 1:
         raise BadInputError("epochs, batch size and rank must be >= 1 and lr > 0")
+    check_task(cfg.task, data.labels, data.multilabel)
     for s in ("train", "val", "test"):
         data.split(s)  # each split must exist and be non-empty, before any training
     if init is not None:

@@ -2,9 +2,11 @@
 
 Requests are resolved and validated by the caller (``engine.request``: this is where a cold
 adapter is loaded into host memory, off the batch path), then queued. One worker thread takes up
-to ``max_batch`` requests, waiting at most ``max_wait_ms`` after the first, and runs them through
-the engine as one mixed-adapter batch. Each caller waits on its own future; a cancelled caller is
-dropped before the batch runs and never breaks it; a request that fails alone fails alone.
+to ``max_batch`` requests, waiting at most ``max_wait_ms`` after the first (or after the engine
+became free, if later; ``max_wait_ms`` more while requests are still being decoded), and runs
+them through the engine as one mixed-adapter batch. Each caller waits on its own future; a
+cancelled caller is dropped before the batch runs and never breaks it; a request that fails
+alone fails alone.
 A full queue refuses at once with :class:`OverloadedError` instead of growing memory.
 
 Usable from asyncio (``await submit(...)``) and from threads (``submit_future``).
@@ -18,6 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -33,13 +36,17 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, engine: Engine, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024):
+    def __init__(self, engine: Engine, max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024,
+                 preparing: Callable[[], int] = lambda: 0):
+        """``preparing``: how many requests are admitted but not queued yet (their images being decoded)."""
         self.engine = engine
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.preparing = preparing
         self.counters = engine.counters
         self._queue: deque[_Item] = deque()
+        self._free_since = 0.0  # when the engine last finished a batch (perf_counter; the worker's own)
         self._cv = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="medlego-batcher", daemon=True)
@@ -81,9 +88,15 @@ class DynamicBatcher:
                 self._cv.wait()
             if self._stopped and not self._queue:
                 return []
-            deadline = self._queue[0].enqueued + self.max_wait
+            # the wait for company counts from when the engine could take the batch: requests queued during
+            # a batch would otherwise start at once, without the clients that batch just answered, and
+            # closed-loop clients then settle into half-size batches taking turns (at 4 in flight: two
+            # batches of 2 alternating, each request waiting out the other batch as well as its own)
+            deadline = max(self._queue[0].enqueued, self._free_since) + self.max_wait
             while len(self._queue) < self.max_batch and not self._stopped:
-                remaining = deadline - time.perf_counter()
+                # requests still being decoded are nearly here (clients just answered, sending again):
+                # worth max_wait more
+                remaining = deadline + (self.max_wait if self.preparing() else 0.0) - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._cv.wait(remaining)
@@ -106,6 +119,7 @@ class DynamicBatcher:
                 results = self.engine.run([it.request for it in live])
             except BaseException as e:  # an engine bug must not kill the worker or strand callers
                 results = [e] * len(live)
+            self._free_since = time.perf_counter()
             for it, res in zip(live, results):
                 if isinstance(res, BaseException):
                     it.future.set_exception(res)

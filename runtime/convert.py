@@ -7,6 +7,10 @@ rounding. AdaLoRA's ΔW = s/ranknum · B·diag(E)·A goes the same way.
 PEFT on timm's fused ``qkv`` adapts the K rows too. A non-zero K part is refused unless the
 caller asks to drop it (``drop_k=True``), and then what was dropped is reported: the model is
 never changed silently.
+
+A LoRA on the classifier head (PEFT target ``head``) is folded into the head exactly: the head
+becomes W + s·B·A. Its W is the head PEFT saved (``modules_to_save``) or, since PEFT does not save
+a frozen target's weight, the caller's ``head`` (the head the LoRA was trained on top of).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .base import BaseModel
 from .errors import AdapterFormatError, BadInputError
 
 _BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers?)\.(\d+)\.")
+_HEAD_MODULE = re.compile(r"(?:^|\.)head$")
 _TARGETS = {"qkv": "qkv", "q": "q", "query": "q", "q_proj": "q", "v": "v", "value": "v", "v_proj": "v",
             "k": "k", "key": "k", "k_proj": "k"}
 
@@ -122,6 +127,7 @@ def convert_peft(path: str | Path, base: BaseModel, task: TaskSpec, *, head: Hea
     report = ConversionReport(str(root), f"peft-{kind.lower()}")
     d = base.embed_dim
     per_block: dict[tuple[int, str], LowRank] = {}
+    head_delta: torch.Tensor | None = None
     modules = sorted({k.rsplit(".lora_A", 1)[0] for k in sd if ".lora_A" in k})
     if not modules:
         raise AdapterFormatError(f"no lora_A tensors in {weights}")
@@ -136,11 +142,6 @@ def convert_peft(path: str | Path, base: BaseModel, task: TaskSpec, *, head: Hea
         if r == 0:  # AdaLoRA can prune a matrix to rank 0: no update there
             report.notes.append(f"'{module}' has rank 0 (pruned): no update")
             continue
-        m_block, leaf = _BLOCK.search(module), module.rsplit(".", 1)[-1]
-        target = _TARGETS.get(leaf)
-        if m_block is None or target is None:
-            raise AdapterFormatError(f"PEFT module '{module}' is not an attention q/v/qkv projection of a block")
-        i = int(m_block.group(1))
         if kind == "ADALORA":
             if e_key is None:
                 raise AdapterFormatError(f"AdaLoRA module '{module}' has no lora_E tensor")
@@ -153,6 +154,15 @@ def convert_peft(path: str | Path, base: BaseModel, task: TaskSpec, *, head: Hea
         else:
             alpha = _alpha_for(module, config)
             scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
+        if _HEAD_MODULE.search(module):
+            head_delta = scale * (b.double() @ a.double())  # [classes, d], folded into the head below
+            report.notes.append(f"the LoRA on '{module}' (rank {r}) was folded into the head")
+            continue
+        m_block, leaf = _BLOCK.search(module), module.rsplit(".", 1)[-1]
+        target = _TARGETS.get(leaf)
+        if m_block is None or target is None:
+            raise AdapterFormatError(f"PEFT module '{module}' is not an attention q/v/qkv projection of a block or the head")
+        i = int(m_block.group(1))
         if target == "qkv":
             if b.shape[0] != 3 * d:
                 raise AdapterFormatError(f"'{module}' lora_B has {b.shape[0]} rows, expected 3·{d}")
@@ -177,10 +187,17 @@ def convert_peft(path: str | Path, base: BaseModel, task: TaskSpec, *, head: Hea
     if stored_head is not None:
         used.update(k for k in sd if re.search(r"(?:^|\.)head(?:\.modules_to_save(?:\.[^.]+)?)?\.(?:weight|bias)$", k))
     _refuse_unsupported(config, sd, used)
-    head = head or stored_head
+    if stored_head is not None and head is not None:
+        report.notes.append("the adapter's own head (modules_to_save) was used; --head was not")
+    head = stored_head or head
     if head is None:
-        raise BadInputError("the PEFT adapter carries no classification head: pass --head FILE "
+        what = "a LoRA on its head but not the head's weight" if head_delta is not None else "no classification head"
+        raise BadInputError(f"the PEFT adapter carries {what}: pass --head FILE "
                             "(safetensors with 'weight' [classes, d] and 'bias' [classes])")
+    if head_delta is not None:
+        if head_delta.shape != head.weight.shape:
+            raise AdapterFormatError(f"the head LoRA has shape {list(head_delta.shape)}, the head {list(head.weight.shape)}")
+        head = Head((head.weight.double() + head_delta).float(), head.bias)
     provenance = {"converted_from": {"format": report.kind, "path": str(root), "config": config,
                                      "dropped": report.dropped}}
     return _assemble(base, task, per_block, head, provenance), report

@@ -8,6 +8,10 @@ Without a target size the image is decoded whole (its size already checked) and 
 * what is left (an interlaced or 16-bit colour PNG, a JPEG at its reduced scale) is decoded by
   Pillow whole, then resized band by band, so only one band of it is ever in float.
 
+Values are scaled by the format's bit depth, never by the image's content: a 16-bit grey PNG is
+value/65535 even when its brightest pixel is dark (a mostly black radiograph must not be read 257×
+brighter), everything else value/255 (Pillow keeps the high byte of 16-bit colour).
+
 Pillow's own errors are left to the caller (imaging) to turn into one line.
 """
 
@@ -39,7 +43,7 @@ def decode(data: bytes, fmt: str, budget: Budget, target_size: int | None) -> np
         sink = sink_for(stream.height, stream.width, target_size)
         for band in stream.bands(budget):
             sink.add(band)
-        return sink.result() / np.float32(stream.scale(sink.hi))
+        return sink.result() / np.float32(_png_scale(stream))
     if fmt == "jpeg":
         _draft_jpeg(im, target_size)
     im.load()
@@ -47,7 +51,7 @@ def decode(data: bytes, fmt: str, budget: Budget, target_size: int | None) -> np
     sink = sink_for(im.height, im.width, target_size)
     for band in _pil_bands(im, budget):
         sink.add(band)
-    return sink.result() / np.float32(_pil_scale(im.mode, sink.hi))
+    return sink.result() / np.float32(_pil_scale(im.mode))
 
 
 def _open_pil(data: bytes, fmt: str):
@@ -74,9 +78,7 @@ def _draft_jpeg(im, target_size: int) -> None:
 def pil_to_array(im) -> np.ndarray:
     """A decoded Pillow image → float32 in [0, 1]: grey as [H, W], anything else as RGB [H, W, 3]."""
     if im.mode in _PIL_16BIT:
-        arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if arr.max() > 255 else 255.0
-        return (np.clip(arr, 0, hi) / hi).astype(np.float32)
+        return (np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 65535.0).astype(np.float32)
     if im.mode in ("L", "1", "P", "LA"):
         im = im.convert("L") if im.mode != "P" else im.convert("RGB")
     elif im.mode != "RGB":
@@ -96,6 +98,11 @@ def _pil_bands(im, budget: Budget) -> Iterator[np.ndarray]:
         budget.check_time(f"at row {y} of {im.height}")
 
 
-def _pil_scale(mode: str, hi: float) -> float:
-    """pil_to_array's divisor: 16-bit data that never exceeds 255 is taken as 8-bit."""
-    return (65535.0 if hi > 255 else 255.0) if mode in _PIL_16BIT else 255.0
+def _pil_scale(mode: str) -> float:
+    """pil_to_array's divisor, by bit depth: Pillow's 16-bit modes hold 16-bit samples."""
+    return 65535.0 if mode in _PIL_16BIT else 255.0
+
+
+def _png_scale(stream: PngStream) -> float:
+    """The streamed PNG's divisor, by bit depth: its bands keep 16-bit samples only for 16-bit grey."""
+    return 65535.0 if stream.depth == 16 and stream.color_type == 0 else 255.0

@@ -50,6 +50,7 @@ cached on disk by the S3 store (``cache_max_bytes``).
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
@@ -111,6 +112,19 @@ class Entry:
                 **{k: v for k, v in self.meta.items() if k not in ("tasks", "provenance")}}
 
 
+def _close_names(name: str, candidates: list[str], n: int = 5, cutoff: float = 0.6) -> list[str]:
+    """The n candidates most like `name` (difflib's ratio, at least cutoff), best first, ties by name
+    (difflib.get_close_matches breaks ties by the greatest name)."""
+    matcher = difflib.SequenceMatcher()
+    matcher.set_seq2(name)
+    scored = []
+    for c in candidates:
+        matcher.set_seq1(c)
+        if matcher.real_quick_ratio() >= cutoff and matcher.quick_ratio() >= cutoff and matcher.ratio() >= cutoff:
+            scored.append((-matcher.ratio(), c))
+    return [c for _, c in sorted(scored)[:n]]
+
+
 def _target(name: str, version: int | None) -> str:
     return name if version is None else f"{name}@{version}"
 
@@ -156,10 +170,20 @@ class Registry:
 
     @staticmethod
     def _not_found_message(ref: str, query) -> str:
-        names = [r[0] for r in query("SELECT DISTINCT name FROM adapters ORDER BY name", ())]
-        aliases = [r[0] for r in query("SELECT alias FROM aliases ORDER BY alias", ())]
-        known = ", ".join(names + [f"{a} (alias)" for a in aliases]) or "none registered"
-        return f"unknown adapter '{ref}'; registered: {known}"
+        """What is missing, and at most a handful of close names: never the whole registry, which may
+        hold thousands of names and goes to anyone who may diagnose."""
+        name, version = parse_ref(ref)
+        aliases = {r[0] for r in query("SELECT alias FROM aliases", ())}
+        if version is not None:
+            if name in aliases:
+                return f"unknown adapter '{ref}': '{name}' is an alias; name it without @{version}"
+            latest = query("SELECT MAX(version) FROM adapters WHERE name = ?", (name,))[0][0]
+            if latest is not None:
+                return f"unknown adapter '{ref}': '{name}' has no version {version} (its latest is {name}@{latest})"
+        names = [r[0] for r in query("SELECT DISTINCT name FROM adapters", ())]
+        close = _close_names(name, names + sorted(aliases))
+        hint = f"; did you mean {', '.join(close)}?" if close else "" if names else "; no adapter is registered yet"
+        return f"unknown adapter '{ref}'{hint}"
 
     # -- writes --------------------------------------------------------------------------------
     def validate(self, data: bytes) -> Adapter:

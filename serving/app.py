@@ -20,6 +20,7 @@ from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError,
 
 from . import limits as checks
 from .contract import DiagnoseItem, DiagnosisAPI, MergeSpec
+from .docs_assets import add_offline_docs
 from .metrics import CONTENT_TYPE
 
 log = logging.getLogger("medlego.serving")
@@ -121,10 +122,11 @@ class BodyLimitMiddleware:
 
 def create_app(service: DiagnosisAPI, *, title: str = "medlego") -> FastAPI:
     app = FastAPI(
-        title=title, version="1",
+        title=title, version="1", docs_url=None, redoc_url=None,  # /docs: add_offline_docs below
         description="Medical image diagnosis with one frozen ViT and hot-swapped SVD-LoRA adapters. "
                     "Admin routes need `Authorization: Bearer <MEDLEGO_ADMIN_TOKEN>`; diagnosis needs "
                     "`Bearer <MEDLEGO_API_TOKEN>` when one is configured.")
+    add_offline_docs(app)
     limits = service.limits
     app.state.service = service
 

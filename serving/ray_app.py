@@ -448,14 +448,31 @@ def deploy(app, server: ServerConfig, *, grpc: bool = True):
     return serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
 
 
+# Ray Serve's defaults suit nodes with many cores; on one small machine each costs the engine CPU
+# (measured on 2 cores: Ray's processes took ~50 ms of CPU per request with the defaults, ~27 with these).
+LOCAL_SERVE_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",  # our methods never block the loop: one thread hop less
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # the same for the handles' router
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",  # 10 passes a second by default: ~6% of a core, busy or idle
+}
+LOCAL_SYSTEM_CONFIG = {"max_direct_call_object_size": 1 << 20}  # an image goes inline with its call, not via plasma
+
+
 def start_local(cfg: ServeConfig, shape: ReplicaShape | None = None, *, num_cpus: int | None = None,
                 grpc: bool = True, include_dashboard: bool = False):
-    """Start a local Ray cluster (unless connected to one), Serve's proxies, and deploy; returns the app handle."""
+    """Start a local Ray cluster (unless connected to one), Serve's proxies, and deploy; returns the app handle.
+
+    A cluster started here gets :data:`LOCAL_SERVE_ENV` (where not set already) and
+    :data:`LOCAL_SYSTEM_CONFIG`; an existing cluster keeps its own settings."""
+    import os
+
     import ray
 
     if not ray.is_initialized():
+        for key, value in LOCAL_SERVE_ENV.items():
+            os.environ.setdefault(key, value)  # read by Ray's processes, which inherit this environment
         ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, log_to_driver=False,
-                 configure_logging=True, logging_level=logging.WARNING)
+                 configure_logging=True, logging_level=logging.WARNING, _system_config=LOCAL_SYSTEM_CONFIG)
     return deploy(build_app(cfg, shape), cfg.server, grpc=grpc)
 
 

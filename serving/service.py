@@ -103,7 +103,9 @@ class DiagnosisService(RegistryReads):
         self.batching = batching or BatchingConfig()
         self.replica = replica  # set in Ray mode: answers say which replica served them
         b = self.batching
-        self.batcher = DynamicBatcher(engine, max_batch=b.max_batch, max_wait_ms=b.max_wait_ms, max_queue=b.max_queue)
+        self._preparing = 0  # admitted, images being decoded: the batcher waits a little for these
+        self.batcher = DynamicBatcher(engine, max_batch=b.max_batch, max_wait_ms=b.max_wait_ms, max_queue=b.max_queue,
+                                      preparing=lambda: self._preparing)
         self.executor = single_threaded_executor(max(1, b.decode_workers), "medlego-decode")
         # admission bound: everything admitted is decoding, queued or running; beyond it, 503 at once
         self.max_inflight = b.max_queue + 2 * b.max_batch
@@ -188,8 +190,12 @@ class DiagnosisService(RegistryReads):
         loop = asyncio.get_running_loop()
         requests: list[Request] = []
         try:
-            prepared = await asyncio.gather(*[loop.run_in_executor(self.executor, self.prepare, it) for it in items],
-                                            return_exceptions=True)
+            self._preparing += len(items)  # on the event loop only; the batcher reads it
+            try:
+                prepared = await asyncio.gather(*[loop.run_in_executor(self.executor, self.prepare, it)
+                                                  for it in items], return_exceptions=True)
+            finally:
+                self._preparing -= len(items)  # before they are queued: a batch never waits for what is there
             for n, r in enumerate(prepared):
                 if isinstance(r, BaseException):
                     self._count(None, r, api)

@@ -213,3 +213,39 @@ def test_peft_separate_q_v_projections(tmp_path, tiny_base, tiny_base_file):
     adapter, report = convert_peft(tmp_path / "peft", tiny_base, make_task("t", None, 3, False))
     got = adapter_logits(AdaptedViT(tiny_base), adapter, x, "t")
     assert (got - expected).abs().max() < 1e-4 and report.matrices == 2 * tiny_base.depth
+
+
+def test_peft_lora_on_the_head_is_folded_into_it(tmp_path, tiny_base, tiny_base_file):
+    """target_modules=[qkv, head]: PEFT saves the head's LoRA but not its frozen weight, which --head supplies."""
+    from medlego.runtime.adapter import Head
+    from medlego.runtime.errors import BadInputError
+
+    model = _timm_with_head(tiny_base_file)
+    frozen = Head(model.head.weight.detach().clone(), model.head.bias.detach().clone())
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["qkv", "head"])).eval()
+    _randomise(pm, tiny_base.embed_dim)
+    x = torch.randn(3, 3, TINY_IMG, TINY_IMG)
+    with torch.no_grad():
+        expected = pm(x)
+    pm.save_pretrained(tmp_path / "peft")
+    task = make_task("t", None, 3, False)
+    with pytest.raises(BadInputError, match="a LoRA on its head but not the head's weight: pass --head"):
+        convert_peft(tmp_path / "peft", tiny_base, task)
+    adapter, report = convert_peft(tmp_path / "peft", tiny_base, task, head=frozen)
+    got = adapter_logits(AdaptedViT(tiny_base), adapter, x, "t")
+    assert (adapter.heads["t"].weight - frozen.weight).abs().max() > 1e-3  # the LoRA changed the head
+    assert (got - expected).abs().max() < 1e-4
+    assert any("folded into the head" in n for n in report.notes)
+
+
+def test_the_adapters_own_head_wins_over_head_file(tmp_path, tiny_base, tiny_base_file):
+    """As the README says: the modules_to_save head if present, else --head (and the user is told)."""
+    from medlego.runtime.adapter import Head
+
+    pm = peft.get_peft_model(_timm_with_head(tiny_base_file), peft.LoraConfig(r=2, target_modules=["qkv"],
+                                                                             modules_to_save=["head"]))
+    _randomise(pm, tiny_base.embed_dim)
+    pm.save_pretrained(tmp_path / "peft")
+    other = Head(torch.zeros(3, tiny_base.embed_dim), torch.zeros(3))
+    adapter, report = convert_peft(tmp_path / "peft", tiny_base, make_task("t", None, 3, False), head=other)
+    assert adapter.heads["t"].weight.abs().max() > 0 and any("--head was not" in n for n in report.notes)

@@ -115,7 +115,7 @@ def test_list_describe_register_delete(stub, tiny_base):
 def test_status_codes(stub):
     png = _images()[0]
     cases = [
-        (pb.DiagnoseRequest(adapter="missing", image=png), grpc.StatusCode.NOT_FOUND, "registered: g0, g1, g2"),
+        (pb.DiagnoseRequest(adapter="g", image=png), grpc.StatusCode.NOT_FOUND, "did you mean g0, g1, g2?"),
         (pb.DiagnoseRequest(adapter="g0", task="lung", image=png), grpc.StatusCode.NOT_FOUND, "unknown task 'lung'"),
         (pb.DiagnoseRequest(adapter="g0", image=b"not an image"), grpc.StatusCode.INVALID_ARGUMENT, "PNG, JPEG or DICOM"),
         (pb.DiagnoseRequest(adapter="g0", image=png[:50]), grpc.StatusCode.INVALID_ARGUMENT, "cannot decode PNG"),

@@ -294,3 +294,54 @@ def test_tokens_are_trimmed_and_an_empty_one_is_refused(tmp_path):
     toml.write_text(f'[auth]\napi_token_file = "{secret}"\n')
     with pytest.raises(BadInputError, match="api_token_file.* is empty"):
         load_config(toml, env={})
+
+
+# -- memory per request, measured on a real server process -------------------------------------------
+def _peak_rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+def test_hostile_images_cost_a_server_bounded_memory(tmp_path, tiny_base, tiny_base_file):
+    """Bombs and huge images inside the byte limit, sent to `medlego serve`: each refused or reduced, and the
+    server's peak RSS grows by no more than ~4x the decoded model input + 64 MB over all of them."""
+    import subprocess
+    import sys
+
+    import test_imaging_limits as cases
+    from backends import free_port
+    from servers import wait_ready
+
+    data = seeded_registry(tmp_path / "data", tiny_base, ["m0"], 30)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "medlego", "serve", "--model", "vit_tiny_patch16_224",
+                             "--weights", str(tiny_base_file), "--data-dir", str(data), "--port", str(port),
+                             "--no-grpc", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout=120)
+        with httpx.Client(base_url=url, timeout=120) as c:
+            for _ in range(3):  # warm every path a request takes (threads, arenas, the batch)
+                assert c.post("/v1/diagnose", files={"file": ("a.png", PNG)}, data={"adapter": "m0"}).status_code == 200
+            baseline = _peak_rss(proc.pid)
+            outcomes = {}
+            for name, make, options, expected, _ in cases.MEMORY_CASES:
+                if options:  # cases that raise the pixel limit above the server's
+                    continue
+                r = c.post("/v1/diagnose", files={"file": ("x", make())}, data={"adapter": "m0"})
+                outcomes[name] = r.status_code
+                if isinstance(expected, str):  # the server's side limit may refuse first: same size, its own words
+                    _status(r, 400, expected.split(",")[0])
+                else:
+                    assert r.status_code == 200, (name, r.text)
+            growth = _peak_rss(proc.pid) - baseline
+        print(f"\nserver peak RSS growth over {len(outcomes)} hostile images: {growth / 2**20:.1f} MB "
+              f"(budget {cases.MEMORY_BUDGET / 2**20:.1f} MB): {outcomes}")
+        assert growth <= cases.MEMORY_BUDGET, (f"{growth / 2**20:.0f} MB", outcomes)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(30)

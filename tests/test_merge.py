@@ -1,5 +1,7 @@
 """Merging: Med-LEGO in factor space equals the dense SVD; each baseline equals its formula."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -77,24 +79,25 @@ def test_dense_baselines_match_their_formulas():
     assert torch.allclose(d(merging.lora_avg(srcs)), lora_avg, atol=1e-6)
     pem = (sum(s * pad(b, 4, 1) for s, b in zip([1, 1, -1], be)) / 3) @ (sum(pad(x, 4, 0) for x in a) / 3)
     assert torch.allclose(d(merging.pem(srcs, signs=[1, 1, -1])), pem, atol=1e-6)
-    # iso-c: same singular vectors as the sum, flat spectrum at alpha * mean
+    # iso-c: the sum's span, a flat spectrum at alpha x the mean over all min(m, n) = 48 singular values
     total = dense.sum(0)
     u, s, vh = torch.linalg.svd(total)
     r = int((s > s[0] * 1e-7).sum())
-    iso = 0.7 * s[:r].mean() * u[:, :r] @ vh[:r]
+    iso = 0.7 * s.mean() * u[:, :r] @ vh[:r]
     assert torch.allclose(d(merging.iso_c(srcs, alpha=0.7)), iso, atol=1e-6)
     assert merging.iso_c(srcs, max_rank=3).kept_share == pytest.approx(3 / r)  # equal values: 3 of r kept
-    # tsv: each task keeps ceil(r/3) directions (ranks 2, 3, 4 -> 1 + 1 + 2), merged bases orthonormal
+    # tsv keeps every direction of LoRA-rank tasks (48 // 3 = 16 >= ranks 2, 3, 4), merged bases orthonormal
     t = merging.tsv(srcs)
-    assert t.rank == 4
-    assert torch.allclose(t.factors.B.T @ t.factors.B, torch.eye(4), atol=1e-5)
-    assert torch.allclose(t.factors.A @ t.factors.A.T, torch.eye(4), atol=1e-5)
-    # with every direction kept and orthogonal tasks, TSV is the plain sum
+    assert t.rank == 9
+    assert torch.allclose(t.factors.B.T @ t.factors.B, torch.eye(9), atol=1e-5)
+    assert torch.allclose(t.factors.A @ t.factors.A.T, torch.eye(9), atol=1e-5)
+    assert merging.tsv(srcs, keep=0.5).rank == 1 + 2 + 2  # ceil(r / 2) each
+    # with orthogonal tasks, TSV is the plain sum
     orth = _sources([2, 2], d=48, seed=9)
     q, _ = torch.linalg.qr(torch.randn(48, 8, dtype=torch.float64))
     orth = [type(m)(q[:, 4 * i:4 * i + 2].T.float(), m.E, q[:, 4 * i + 2:4 * i + 4].float()) for i, m in enumerate(orth)]
     full = sum(m.delta().double() for m in orth)
-    assert torch.allclose(d(merging.tsv(orth, keep=1.0)), full, atol=1e-5)
+    assert torch.allclose(d(merging.tsv(orth)), full, atol=1e-5)
 
 
 def test_ties_dare_magnitude_agree_with_peft():
@@ -105,12 +108,25 @@ def test_ties_dare_magnitude_agree_with_peft():
     assert torch.allclose(ours, merge_utils.ties(dense, w, 0.3), atol=1e-6)
     ours = merging.magnitude_prune(srcs, density=0.4, weights=w.tolist()).factors.delta().double()
     assert torch.allclose(ours, merge_utils.magnitude_prune(dense, w, 0.4), atol=1e-6)
-    # DARE draws its mask from torch.bernoulli: PEFT uses the global generator, we a seeded one;
-    # seeded alike, both draw the same masks in the same order.
+    # DARE draws its masks from torch.bernoulli: PEFT from the global generator, we from the merge's
+    # own; seeded alike, both draw the same masks in the same order.
     torch.manual_seed(123)
     theirs = merge_utils.dare_linear(dense, w, 0.6)  # density 0.6 = drop 0.4
-    ours = merging.dare(srcs, drop=0.4, seed=123, weights=w.tolist()).factors.delta().double()
-    assert torch.allclose(ours, theirs, atol=1e-6)
+    ours = merging.dare(srcs, drop=0.4, weights=w.tolist(), generator=torch.Generator().manual_seed(123))
+    assert torch.allclose(ours.factors.delta().double(), theirs, atol=1e-6)
+
+
+def test_dare_draws_independent_masks_per_matrix_from_one_seed(make_adapter):
+    a, b = make_adapter(seed=1, rank=3), make_adapter(seed=2, rank=3)
+    same = [replace(ad, q=(ad.q[0],) * ad.depth, v=(ad.q[0],) * ad.depth) for ad in (a, b)]  # every matrix alike
+    merged, report = merge_adapters(same, "dare", {"drop": 0.5, "seed": 7})
+    deltas = [m.delta() for m in (*merged.q, *merged.v)]
+    assert all((deltas[0] - x).abs().max() > 1e-4 for x in deltas[1:])  # a mask of its own in every matrix
+    again, _ = merge_adapters(same, "dare", {"drop": 0.5, "seed": 7})
+    assert all(torch.equal(x.delta(), y.delta()) for x, y in zip(merged.q, again.q))  # one seed: reproducible
+    other, _ = merge_adapters(same, "dare", {"drop": 0.5, "seed": 8})
+    assert not torch.equal(other.q[0].delta(), merged.q[0].delta())
+    assert report["parameters"]["seed"] == 7 and merged.provenance["parameters"]["seed"] == 7
 
 
 def test_merge_job_heads_provenance_and_refusals(tmp_path, make_adapter, tiny_base, other_base_file):
@@ -128,7 +144,7 @@ def test_merge_job_heads_provenance_and_refusals(tmp_path, make_adapter, tiny_ba
     prov = merged.provenance
     assert prov["method"] == "med-lego" and prov["parameters"] == {"threshold": 0.997, "weights": None, "max_rank": None}
     _, dare_report = merge_adapters([a, b], "dare", {"drop": 0.3})  # defaults are recorded too (reproducibility)
-    assert dare_report["parameters"] == {"drop": 0.3, "seed": 0, "weights": None, "max_rank": None}
+    assert dare_report["parameters"] == {"drop": 0.3, "scale": 1.0, "seed": 0, "weights": None, "max_rank": None}
     assert [s["sha256"] for s in prov["sources"]] == ["1" * 64, "2" * 64]
     assert set(prov["matrices"]["blocks.0.q"]) == {"rank", "kept_share"} and prov["matrices"]["blocks.0.q"]["rank"] <= 8
     with pytest.raises(BadInputError, match="task 'blood' appears in 'source0' and 'source2'"):

@@ -37,7 +37,7 @@ def test_versions_aliases_pins_delete(backend, tiny_base, make_adapter):
     reg.delete("blood", 2)
     assert backend.stored() == [f"{e1.sha256}.safetensors"]  # no row references e2's object any more
     assert reg.resolve("blood").version == 1
-    with pytest.raises(AdapterNotFoundError, match=r"unknown adapter 'blood@2'; registered: blood, general \(alias\)"):
+    with pytest.raises(AdapterNotFoundError, match=r"^unknown adapter 'blood@2': 'blood' has no version 2 \(its latest is blood@1\)$"):
         reg.resolve("blood@2")
     assert [e.ref for e in reg.list()] == ["blood@1"] and len(reg) == 1
     d = reg.describe("blood")

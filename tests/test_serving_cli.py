@@ -18,14 +18,9 @@ from medlego.serving import medlego_pb2 as pb
 from medlego.serving import medlego_pb2_grpc as pb_grpc
 from medlego.jobs.synthetic import encode_png, random_image
 
+from backends import free_port
 from conftest import TINY_MODEL
 from servers import wait_ready
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_medlego_serve_process(tmp_path, tiny_base, tiny_base_file):
@@ -33,7 +28,7 @@ def test_medlego_serve_process(tmp_path, tiny_base, tiny_base_file):
     Registry(data, base=tiny_base.spec).register("cli-a", random_adapter(tiny_base.spec, tiny_base.preprocess, seed=3).to_bytes())
     config = tmp_path / "serve.toml"
     config.write_text('[batching]\nmax_wait_ms = 1\n[limits]\nmax_image_bytes = 100000\n')
-    port, gport = _free_port(), _free_port()
+    port, gport = free_port(), free_port()
     env = {**os.environ, "MEDLEGO_ADMIN_TOKEN": "cli-admin"}
     proc = subprocess.Popen([sys.executable, "-m", "medlego", "serve", "--model", TINY_MODEL, "--weights", str(tiny_base_file),
                              "--data-dir", str(data), "--port", str(port), "--grpc-port", str(gport), "--config", str(config),
@@ -65,7 +60,7 @@ def test_medlego_serve_bad_flags_are_one_line_errors(tmp_path, tiny_base_file):
     r = subprocess.run([sys.executable, "-m", "medlego", "serve", "--data-dir", str(tmp_path)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "no base model" in r.stderr and "Traceback" not in r.stderr
-    port = _free_port()
+    port = free_port()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port))
         busy.listen(1)

@@ -214,7 +214,8 @@ def test_delete_refused_while_pinned(server, client, tiny_base):
     r = client.delete("/v1/adapters/doomed@1", headers=admin_headers())
     assert r.status_code == 200 and r.json()["deleted"] == ["doomed@1"]
     r = client.post("/v1/diagnose", files={"file": ("a.png", img)}, data={"adapter": "doomed"})
-    assert r.status_code == 404 and "ad0" in r.json()["detail"]
+    # names the missing thing, and never lists the registry to the caller
+    assert r.status_code == 404 and "unknown adapter 'doomed'" in r.json()["detail"] and "ad0" not in r.json()["detail"]
     assert client.delete("/v1/adapters/doomed@1", headers=admin_headers()).status_code == 404
 
 
@@ -258,7 +259,7 @@ def _err(r, status, pattern):
 def test_every_error_has_its_status_and_message(client):
     png = images()[0]
     post = lambda **kw: client.post("/v1/diagnose", **kw)  # noqa: E731
-    _err(post(files={"file": ("a.png", png)}, data={"adapter": "nope"}), 404, r"unknown adapter 'nope'.*ad0, ad1, ad2")
+    _err(post(files={"file": ("a.png", png)}, data={"adapter": "ad"}), 404, r"unknown adapter 'ad'; did you mean ad0, ad1, ad2")
     _err(post(files={"file": ("a.png", png)}, data={"adapter": "ad2"}), 404, r"name one of: blood, chest")
     _err(post(files={"file": ("a.png", png)}, data={"adapter": "ad0", "task": "lung"}), 404, r"unknown task 'lung'")
     _err(post(files={"file": ("a.png", png)}, data={"adapter": "ad0@9"}), 404, r"unknown adapter 'ad0@9'")

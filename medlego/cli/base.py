@@ -13,10 +13,10 @@ def register(sub) -> None:
 
     init = s.add_parser("init", help="write a reproducible random-init base (timm state_dict, safetensors)")
     init.add_argument("--model", required=True, metavar="NAME", help="timm ViT/DeiT name")
-    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--seed", type=int, default=0, help="random seed of the weights (same seed, same file)")
     init.add_argument("--img-size", type=int, default=None,
                       help="input size (default: the model's own); small sizes make fast test/demo bases")
-    init.add_argument("-o", "--output", required=True, metavar="FILE")
+    init.add_argument("-o", "--output", required=True, metavar="FILE", help="weights file to write (.safetensors)")
     init.set_defaults(func=_init)
 
     fp = s.add_parser("fingerprint", help="print the base's fingerprint (one hex string)")

@@ -52,3 +52,16 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="registry folder for registered names "
                                                      "(default $MEDLEGO_DATA_DIR or ~/.medlego)")
     p.add_argument("--task", help="which of the adapter's tasks (needed when it carries several)")
+
+
+def load_base_and_adapter(args):
+    """(base, adapter) that add_base_args' and add_adapter_args' flags name; the adapter must fit the base."""
+    from medlego.runtime.refs import load_adapter_ref
+
+    from .checks import check_readable
+
+    if args.adapter.endswith(".safetensors"):  # a file, as load_adapter_ref reads it: found before the base loads
+        check_readable([args.adapter])
+    base = load_base_from_args(args)
+    adapter, _ = load_adapter_ref(args.adapter, data_dir=args.data_dir, expected_base=base.spec)
+    return base, adapter

@@ -8,8 +8,9 @@ from .common import add_base_args
 def register(sub) -> None:
     p = sub.add_parser("convert", help="convert a PEFT LoRA/AdaLoRA or MeLo/LoRA-ViT adapter to SVD-LoRA (exact)")
     p.add_argument("source", help="a PEFT adapter folder, or a LoRA-ViT .safetensors file")
-    p.add_argument("-o", "--output", required=True, metavar="FILE")
-    p.add_argument("--format", choices=["auto", "peft", "lora-vit"], default="auto")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="adapter file to write (.safetensors)")
+    p.add_argument("--format", choices=["auto", "peft", "lora-vit"], default="auto",
+                   help="the source's layout (auto: a folder is PEFT, a file LoRA-ViT)")
     p.add_argument("--task", required=True, help="task name stored in the adapter")
     p.add_argument("--labels", help="comma-separated class labels")
     p.add_argument("--num-classes", type=int, help="instead of --labels: class0..classN-1")

@@ -11,22 +11,20 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="metrics of an adapter on a dataset split")
     add_base_args(p)
     add_adapter_args(p)
-    p.add_argument("--data", required=True, metavar="PATH")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--data", required=True, metavar="PATH", help="MedMNIST .npz, image folder, or .csv manifest")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to measure on")
     p.add_argument("--seed", type=int, default=0, help="split seed for folders/manifests without splits")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the metrics as one JSON object")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     from medlego.jobs.datasets import load_dataset
     from medlego.jobs.evaluate import evaluate_adapter
-    from medlego.runtime.refs import load_adapter_ref
 
-    from .common import load_base_from_args
+    from .common import load_base_and_adapter
 
-    base = load_base_from_args(args)
-    adapter, _ = load_adapter_ref(args.adapter, data_dir=args.data_dir, expected_base=base.spec)
+    base, adapter = load_base_and_adapter(args)
     spec = adapter.task(args.task)
     data = load_dataset(args.data, input_size=base.input_size, seed=args.seed, label_names=list(spec.labels)
                         if not spec.multilabel else None, num_classes=spec.num_classes)

@@ -8,8 +8,9 @@ import json
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="describe an adapter file or registered adapter")
     p.add_argument("adapter", help="adapter file or registered NAME[@VERSION]")
-    p.add_argument("--data-dir", metavar="DIR")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--data-dir", metavar="DIR", help="registry folder for registered names "
+                                                     "(default $MEDLEGO_DATA_DIR or ~/.medlego)")
+    p.add_argument("--json", action="store_true", help="everything as one JSON object")
     p.set_defaults(func=_run)
 
 

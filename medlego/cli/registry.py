@@ -13,8 +13,8 @@ def register(sub) -> None:
     s = p.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
 
     add = s.add_parser("add", help="validate an adapter file against the base and register it as a new version")
-    add.add_argument("name")
-    add.add_argument("file", metavar="ADAPTER_FILE")
+    add.add_argument("name", help="adapter name: letters, digits, '_', '-', '.'")
+    add.add_argument("file", metavar="ADAPTER_FILE", help=".safetensors adapter file")
     add.add_argument("--alias", action="append", default=[], help="also point this alias at the new version")
     add.add_argument("--move-aliases", action="store_true", help="move an --alias that already points elsewhere")
     add.add_argument("--max-rank", type=int, default=None, help="refuse adapters above this rank")
@@ -22,26 +22,26 @@ def register(sub) -> None:
     add.set_defaults(func=_add)
 
     ls = s.add_parser("list", help="every registered version")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="versions and aliases as one JSON object")
     ls.set_defaults(func=_list)
 
     show = s.add_parser("show", help="metadata, provenance, size, ranks and tasks of NAME[@VERSION] or an alias")
-    show.add_argument("ref")
+    show.add_argument("ref", help="NAME, NAME@VERSION or alias")
     show.set_defaults(func=_show)
 
     rm = s.add_parser("delete", help="delete NAME@VERSION (or every version of NAME); refused while pinned")
-    rm.add_argument("ref")
+    rm.add_argument("ref", help="NAME@VERSION, or NAME for every version")
     rm.set_defaults(func=_delete)
 
     for action in ("pin", "unpin"):
         q = s.add_parser(action, help=f"{action} NAME[@VERSION] (pinned adapters stay on the device, cannot be deleted)")
-        q.add_argument("ref")
+        q.add_argument("ref", help="NAME, NAME@VERSION or alias")
         q.set_defaults(func=_pin, action=action)
 
     al = s.add_parser("alias", help="point ALIAS at NAME[@VERSION] (bare NAME follows the latest version)")
-    al.add_argument("alias")
+    al.add_argument("alias", help="the alias to set or remove")
     al.add_argument("ref", nargs="?", help="target; omit with --remove")
-    al.add_argument("--remove", action="store_true")
+    al.add_argument("--remove", action="store_true", help="remove the alias instead")
     al.set_defaults(func=_alias)
 
     gc = s.add_parser("gc", help="remove stored files that no version references (left by killed registrations)")

@@ -28,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, help="images per engine batch")
     p.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill")
     p.add_argument("--max-queue", type=int, help="queued requests before 503")
-    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                   help="server log level (default info)")
     r = p.add_argument_group("Ray Serve")
     r.add_argument("--ray", action="store_true", help="start a local Ray cluster and deploy with Ray Serve")
     r.add_argument("--replicas", type=int, default=None, help="engine replicas, a fixed count (--ray; default 1)")
@@ -71,8 +72,14 @@ def config_from_args(args):
 def _run(args) -> int:
     from medlego.runtime.config import ADMIN_TOKEN_ENV
 
+    from .checks import check_device, check_port_free
+
     cfg = config_from_args(args)
     srv = cfg.server
+    check_device(cfg.engine.device)
+    check_port_free(srv.host, srv.port, "--port")
+    if srv.grpc:
+        check_port_free(srv.host, srv.grpc_port, "--grpc-port")
     logging.basicConfig(level=srv.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not cfg.auth.admin_token:
         print(f"note: no admin token configured: the admin API is closed (set {ADMIN_TOKEN_ENV} to open it)",
