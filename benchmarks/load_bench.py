@@ -464,8 +464,10 @@ def _baseline_lines(report: dict) -> list[str]:
     for run in runs:
         for m in run["modes"]:
             lt = m["light"]
-            lines.append(f"| {run['label']} | {m['mode']} | {lt['load_avg']} | {lt['p50_ms']} | {lt['p99_ms']} | "
-                         f"{lt['throughput_img_s']:.2f} | {lt.get('mean_batch_size', '')} | {_stages(lt['stages_ms'])} |")
+            # an older run's report may lack the load average and the stages (not recorded then)
+            lines.append(f"| {run['label']} | {m['mode']} | {lt.get('load_avg', 'n/a')} | {lt['p50_ms']} | "
+                         f"{lt['p99_ms']} | {lt['throughput_img_s']:.2f} | {lt.get('mean_batch_size', '')} | "
+                         f"{_stages(lt.get('stages_ms', {}))} |")
     lines += [""] + [f"* {run['label']}: `{run['command']}`" for run in runs[:-1]]
     return lines
 
