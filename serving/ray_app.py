@@ -192,7 +192,7 @@ class MedlegoReplica:
         self.bridge = RayMetricsBridge(self.service.engine.counters, self._gauges)
 
     def _gauges(self) -> dict:
-        stats = self.service.engine.pool.stats()
+        stats = self.service.engine.pool_stats()
         return {"pool_device_resident": stats["device_resident"], "pool_host_resident": stats["host_resident"],
                 "multiplex_held": len(self._held), "multiplex_hit_ratio": self.hits / self.requests if self.requests else 0.0}
 

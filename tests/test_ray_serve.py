@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import socket
 import time
 
 import grpc
@@ -27,15 +26,10 @@ from medlego.serving import medlego_pb2_grpc as pb_grpc  # noqa: E402
 from medlego.runtime.config import ServeConfig  # noqa: E402
 from medlego.jobs.synthetic import encode_png, random_image  # noqa: E402
 
+from backends import free_port  # noqa: E402
 from conftest import TINY_MODEL  # noqa: E402
 
 ADAPTERS = [f"r{i}" for i in range(6)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def ray_server(tmp_path_factory, tiny_base, tiny_base_file):
         reg.register(name, random_adapter(tiny_base.spec, tiny_base.preprocess, rank=2 + i % 3, seed=60 + i).to_bytes())
     cfg = ServeConfig()
     cfg.base.model, cfg.base.weights = TINY_MODEL, str(tiny_base_file)
-    cfg.server.data_dir, cfg.server.host, cfg.server.port, cfg.server.grpc_port = str(data), "127.0.0.1", _free_port(), _free_port()
+    cfg.server.data_dir, cfg.server.host, cfg.server.port, cfg.server.grpc_port = str(data), "127.0.0.1", free_port(), free_port()
     cfg.auth.admin_token = "ray-admin"
     cfg.batching.max_wait_ms = 2
     cfg.engine.slots = 8
