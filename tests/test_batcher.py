@@ -84,3 +84,57 @@ def test_cancelled_and_failing_callers_do_not_break_the_batch(engine):
         assert b.cancelled()
     finally:
         batcher.stop()
+
+
+def _recording(engine, gate: threading.Event | None = None):
+    """Wrap engine.run to record each batch's size (and hold the first batch until `gate`)."""
+    sizes: list[int] = []
+    original = engine.run
+
+    def run(reqs):
+        sizes.append(len(reqs))
+        if gate is not None and len(sizes) == 1:
+            gate.wait(10)
+        return original(reqs)
+
+    engine.run = run
+    return sizes
+
+
+def test_the_wait_for_company_counts_from_when_the_engine_became_free(engine):
+    """A request queued during a batch waits for the clients that batch answers: closed-loop clients
+    must not settle into half-size batches that take turns."""
+    gate = threading.Event()
+    sizes = _recording(engine, gate)
+    batcher = DynamicBatcher(engine, max_batch=8, max_wait_ms=500, max_queue=16)
+    try:
+        x = torch.randn(3, 32, 32)
+        first = batcher.submit_future(x, "a0")
+        while len(sizes) < 1:  # the first batch is running (held by the gate)
+            threading.Event().wait(0.01)
+        queued_during = batcher.submit_future(x, "a1")
+        threading.Event().wait(0.8)  # longer than max_wait since it was queued
+        gate.set()
+        first.result(30)
+        answered_client_again = batcher.submit_future(x, "a2")  # the answered client sends at once
+        queued_during.result(30), answered_client_again.result(30)
+        assert sizes == [1, 2]
+    finally:
+        gate.set()
+        batcher.stop()
+
+
+def test_requests_still_being_decoded_are_waited_for(engine):
+    preparing = [1]
+    sizes = _recording(engine)
+    batcher = DynamicBatcher(engine, max_batch=8, max_wait_ms=400, max_queue=16, preparing=lambda: preparing[0])
+    try:
+        x = torch.randn(3, 32, 32)
+        first = batcher.submit_future(x, "a0")
+        threading.Event().wait(0.55)  # past max_wait, within max_wait more for the one being decoded
+        preparing[0] = 0
+        second = batcher.submit_future(x, "a1")
+        first.result(30), second.result(30)
+        assert sizes == [2]
+    finally:
+        batcher.stop()
