@@ -21,6 +21,7 @@ from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError,
 from . import limits as checks
 from .contract import DiagnoseItem, DiagnosisAPI, MergeSpec
 from .docs_assets import add_offline_docs
+from .kserve_rest import mount_kserve, v2_error
 from .metrics import CONTENT_TYPE
 
 log = logging.getLogger("medlego.serving")
@@ -92,8 +93,10 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope.get("path", ""))
         declared = dict(scope.get("headers") or []).get(b"content-length")
         too_large = PayloadTooLargeError(f"request body is above the limit of {limit} bytes")
+        # /v2 answers with the Open Inference Protocol's error body
+        respond = v2_error if scope.get("path", "").startswith("/v2") else error_response
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await error_response(too_large)(scope, receive, send)
+            return await respond(too_large)(scope, receive, send)
         seen = 0
 
         async def counted_receive():
@@ -117,7 +120,7 @@ class BodyLimitMiddleware:
             await self.app(scope, counted_receive, tracking_send)
         except PayloadTooLargeError:
             if not started:
-                await error_response(too_large)(scope, receive, send)
+                await respond(too_large)(scope, receive, send)
 
 
 def create_app(service: DiagnosisAPI, *, title: str = "medlego") -> FastAPI:
@@ -275,6 +278,7 @@ def create_app(service: DiagnosisAPI, *, title: str = "medlego") -> FastAPI:
         service.auth.check_metrics(authorization)
         return Response(await service.metrics_text(), media_type=CONTENT_TYPE)
 
+    mount_kserve(app, service)  # /v2: the Open Inference Protocol (serving/kserve_rest.py)
     return app
 
 

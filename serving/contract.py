@@ -11,7 +11,7 @@ REST API returns; the gRPC layer converts them to protobuf.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from medlego.runtime.config import Limits
 from medlego.runtime.errors import MedlegoError
@@ -24,12 +24,15 @@ ADMIN_OPERATIONS = ("register", "delete", "pin", "unpin", "set_alias", "remove_a
 
 @dataclass
 class DiagnoseItem:
-    """One image to diagnose, as any transport receives it."""
+    """One image to diagnose, as any transport receives it: an encoded file (``image``), or pixels
+    already preprocessed as the adapter's ``preprocess`` says (``pixels``, float32 [3, S, S]; then
+    ``image`` is empty). KServe v2's ``pixel_values`` input is the second kind."""
 
     image: bytes
     adapter: str
     task: str | None = None
     top_k: int | None = None
+    pixels: Any = None  # numpy float32 [3, S, S] or None (numpy is not imported by the contract)
 
 
 @dataclass

@@ -192,11 +192,19 @@ def build_grpc_server(api: DiagnosisAPI, host: str, port: int) -> tuple[grpc.aio
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit),
                                       ("grpc.so_reuseport", 0)])
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from . import kserve_grpc, kserve_v2_pb2  # the Open Inference Protocol beside medlego.v1
+
     pb_grpc.add_MedlegoServicer_to_server(MedlegoServicer(MedlegoRPC(api)), server)
+    kserve_grpc.add_kserve(server, api)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    pool = kserve_grpc.reflection_pool((pb.DESCRIPTOR, kserve_v2_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR,
+                                        reflection_pb2.DESCRIPTOR))
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, kserve_grpc.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server, pool=pool)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port}")
@@ -207,3 +215,4 @@ async def set_serving(health: HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     await health.set("", status)
     await health.set(SERVICE_NAME, status)
+    await health.set("inference.GRPCInferenceService", status)

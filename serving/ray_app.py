@@ -47,6 +47,7 @@ from . import limits as checks
 from .auth import Auth
 from .contract import ADMIN_OPERATIONS, DiagnoseItem, MergeSpec, item_error
 from .grpc_service import MedlegoRPC, RpcMethods
+from .kserve_grpc import KServeMethods, KServeServicer
 from .metrics import CountersOnlyCollector, render
 from .service import DiagnosisService, RegistryReads, outcome_of
 
@@ -54,6 +55,7 @@ log = logging.getLogger("medlego.serving")
 
 APP_NAME = "medlego"
 GRPC_SERVICER = "medlego.serving.medlego_pb2_grpc.add_MedlegoServicer_to_server"
+GRPC_SERVICER_V2 = "medlego.serving.kserve_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
 NODE_PLACEHOLDER = "{node}"
 
 
@@ -265,7 +267,8 @@ class RayFrontend(RegistryReads):
             # the routing key is the resolved name@version: one indexed read of the shared registry
             model_id = (await asyncio.get_running_loop().run_in_executor(None, self.registry.resolve, ref)).ref
             handle = self.replicas.options(multiplexed_model_id=model_id)
-            fields = {"image": item.image, "adapter": model_id, "task": item.task, "top_k": item.top_k}
+            fields = {"image": item.image, "adapter": model_id, "task": item.task, "top_k": item.top_k,
+                      "pixels": item.pixels}
             out = unwrap(await handle.diagnose.remote(fields, api))
         except MedlegoError as e:
             self.counters.inc("requests", adapter="", task="", outcome=outcome_of(e), api=api)
@@ -329,12 +332,14 @@ class RayFrontend(RegistryReads):
 
 @serve.deployment(name="MedlegoIngress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
-class MedlegoIngress(RpcMethods):
-    """The REST app over HTTP, and the gRPC methods (by RPC name) for Ray Serve's gRPC proxy."""
+class MedlegoIngress(RpcMethods, KServeMethods):
+    """The REST app over HTTP (with /v2), and the gRPC methods (by RPC name) for Ray Serve's gRPC
+    proxy: medlego.v1's and the Open Inference Protocol's (``inference.GRPCInferenceService``)."""
 
     def __init__(self, replicas, config: dict):
         self.frontend = RayFrontend(replicas, config_from_dict(config))
         self.rpc = MedlegoRPC(self.frontend)
+        self.kserve = KServeServicer(self.frontend)
 
     def __serve_build_asgi_app__(self):
         from .app import create_app
@@ -442,7 +447,7 @@ def deploy(app, server: ServerConfig, *, grpc: bool = True):
     """Start Serve's HTTP (and gRPC) proxy on the connected Ray cluster and deploy `app`; returns its handle."""
     grpc_options = None
     if grpc:
-        grpc_options = {"port": server.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+        grpc_options = {"port": server.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER, GRPC_SERVICER_V2]}
     serve.start(proxy_location="HeadOnly", http_options={"host": server.host, "port": server.port},
                 grpc_options=grpc_options)
     return serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

@@ -17,6 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
+import torch
+
 from medlego.runtime.adapter_merge import merge_adapters
 from medlego.runtime.batcher import DynamicBatcher
 from medlego.runtime.config import BatchingConfig, Limits, ServeConfig
@@ -173,7 +175,10 @@ class DiagnosisService(RegistryReads):
         resolved.task(task)  # an unknown task is refused before the image is decoded
         t0 = time.perf_counter()
         size = resolved.preprocess.input_size
-        image = preprocess(checks.decode(self.limits, item.image, size), resolved.preprocess)  # [3, S, S]
+        if item.pixels is not None:
+            image = _preprocessed(item.pixels, size, resolved.ref)
+        else:
+            image = preprocess(checks.decode(self.limits, item.image, size), resolved.preprocess)  # [3, S, S]
         decode_s = time.perf_counter() - t0
         self.engine.counters.observe("stage_seconds", decode_s, stage="decode")
         return self.engine.request(image, resolved, task, top_k), decode_s
@@ -327,3 +332,16 @@ class DiagnosisService(RegistryReads):
 
     async def metrics_text(self) -> bytes:
         return await off_loop(render, self.metrics)
+
+
+def _preprocessed(pixels, size: int, ref: str) -> torch.Tensor:
+    """An item's already-preprocessed pixels as the engine's input, or a one-line error."""
+    shape = tuple(getattr(pixels, "shape", ()))
+    if shape != (3, size, size):
+        raise BadInputError(f"preprocessed pixels of shape {list(shape)}; {ref} takes [3, {size}, {size}] "
+                            "(see its 'preprocess')")
+    image = torch.as_tensor(pixels, dtype=torch.float32)
+    if not bool(torch.isfinite(image).all()):
+        raise BadInputError("preprocessed pixels contain NaN or infinite values")
+    return image
+
