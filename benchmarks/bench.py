@@ -84,7 +84,7 @@ class Progress:
         if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, desc="bench", unit="step")
+            self.bar = tqdm(total=self.total, desc="bench", unit="step", disable=None)  # None: off when not a terminal
 
     def step(self, what: str) -> None:
         if self.bar is not None:

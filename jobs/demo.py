@@ -158,7 +158,8 @@ def _merge(reg, log) -> None:
 
 def _request(root: Path, base, reg, task: str, adapter_ref: str, fmt: str) -> DemoRequest:
     """The request for `task` to `adapter_ref` as a .fmt file: the first test image the adapter
-    answers right when decoded from that format, as the server decodes it."""
+    answers right when decoded from that format, as the server decodes it (multi-label: the first
+    with at least one finding, where one is answered right, so the answer shows a finding)."""
     import torch
 
     from medlego.runtime.imaging import decode_image, preprocess
@@ -178,7 +179,10 @@ def _request(root: Path, base, reg, task: str, adapter_ref: str, fmt: str) -> De
         right = ((probs > 0.5).numpy() == labels.astype(bool)).all(axis=1)
     else:
         right = probs.argmax(1).numpy() == labels.reshape(-1)
-    index = int(np.flatnonzero(right)[0]) if right.any() else 0  # none right (a one-epoch build): the first
+    shown = right & labels.astype(bool).any(axis=1) if spec.multilabel else right
+    if not shown.any():  # multi-label: no image with a finding answered right; any image answered right
+        shown = right
+    index = int(np.flatnonzero(shown)[0]) if shown.any() else 0  # none right (a one-epoch build): the first
     label = labels[index]
     truth = [spec.labels[i] for i in np.flatnonzero(label)] if spec.multilabel else spec.labels[int(label.reshape(-1)[0])]
     write_image_files(images[index], root / "samples" / task)

@@ -68,7 +68,8 @@ def tune(base: BaseModel, sources: list[Adapter], method_name: str, sets: dict[s
         ad, own = carriers[task]
         reference[task] = key_metric(evaluate_adapter(base, ad, data, own, "val", model=model), data.multilabel)
     trials = []
-    for point in tqdm(points, desc=f"tuning {method_name}", unit="merge", disable=not progress):
+    for point in tqdm(points, desc=f"tuning {method_name}", unit="merge",
+                      disable=None if progress else True):  # None: off when stderr is not a terminal
         merged, _ = merge_adapters(sources, method_name, {**fixed, **point}, task_names=task_names)
         per_task = {t: key_metric(evaluate_adapter(base, merged, d, t, "val", model=model), d.multilabel)
                     for t, d in sets.items()}

@@ -51,3 +51,36 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"medlego {medlego.__version__}\n"
+
+
+def test_client_token_variables_are_the_servers():
+    from medlego.cli import client
+    from medlego.runtime import config
+
+    assert (client.API_TOKEN_ENV, client.ADMIN_TOKEN_ENV) == (config.API_TOKEN_ENV, config.ADMIN_TOKEN_ENV)
+
+
+def test_one_subcommand_parses_alone():
+    """`medlego NAME …` builds only NAME's parser, and its usage is the same as in the whole command's."""
+    whole = dict((path, p.format_usage()) for path, p in _parsers(build_parser()))
+    for path, p in _parsers(build_parser("client")):
+        assert path == "medlego" or whole[path] == p.format_usage(), path
+
+
+def test_every_subcommand_is_in_the_readmes_commands_table():
+    import re
+    from pathlib import Path
+
+    from medlego.cli import COMMAND_MODULES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("\n## Commands\n"):]
+    table = table[:table.index("\n## ", 1)]
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| `medlego ")]
+    for name in COMMAND_MODULES:
+        assert any(row.startswith(f"| `medlego {name}") for row in rows), name
+    for path, p in _parsers(build_parser()):  # every action of registry and client is named in its row
+        parts = path.split()
+        if len(parts) == 3 and parts[1] in ("registry", "client"):
+            row = next(r for r in rows if r.startswith(f"| `medlego {parts[1]}"))
+            assert re.search(rf"[ |]{re.escape(parts[2])}(\\\||[ `])", row), path

@@ -48,13 +48,15 @@ class Parser(argparse.ArgumentParser):
         self.error("unrecognized arguments: " + " ".join(hints))
 
 
-def build_parser() -> Parser:
+def build_parser(only: str | None = None) -> Parser:
+    """The whole command, or (``only``) just that subcommand: what `medlego NAME …` parses, without
+    importing the other subcommands' modules (`medlego client` then starts without torch)."""
     parser = Parser(
         prog="medlego",
         description="Medical image diagnosis with one frozen ViT and hot-swapped SVD-LoRA adapters.")
     parser.add_argument("--version", action="version", version=f"medlego {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in (only,) if only in COMMAND_MODULES else COMMAND_MODULES:
         try:
             module = importlib.import_module(f"medlego.cli.{name}")
         except ModuleNotFoundError as e:
@@ -77,7 +79,8 @@ def _remember_parsers(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv else None)  # a known subcommand first: only its module is loaded
     args, extra = parser.parse_known_args(argv)
     if extra:
         getattr(args, "_parser", parser).unknown_arguments(extra)

@@ -7,11 +7,12 @@ import json
 import os
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# runtime.config's names, spelled here so that the client starts without importing torch
+# (tests/test_cli_help.py checks that they agree)
+API_TOKEN_ENV, ADMIN_TOKEN_ENV = "MEDLEGO_API_TOKEN", "MEDLEGO_ADMIN_TOKEN"
 
 
 def register(sub) -> None:
-    from medlego.runtime.config import ADMIN_TOKEN_ENV, API_TOKEN_ENV
-
     p = sub.add_parser("client", help="diagnose, list, describe and register adapters on a running server (REST or gRPC)",
                        description=f"A client of `medlego serve`. REST at --http URL (default {DEFAULT_URL}), or gRPC "
                                    f"with --grpc HOST:PORT. Tokens come from ${API_TOKEN_ENV} and ${ADMIN_TOKEN_ENV} "
@@ -65,8 +66,6 @@ def register(sub) -> None:
 
 
 def _client(args):
-    from medlego.runtime.config import ADMIN_TOKEN_ENV, API_TOKEN_ENV
-
     from .client_transport import GrpcClient, HttpClient
 
     tokens = (getattr(args, "token", None) or os.environ.get(API_TOKEN_ENV),
