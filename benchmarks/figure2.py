@@ -2,8 +2,7 @@
 
 The source specialists are the merge table's four synthetic tasks (trained here, or ``--sources``).
 The new task (``NEW_TASK``) needs skills they hold between them — a ring marker to attend to
-(lesion-ring) and frequency textures to read (nucleus-dot, gland-square) — in a combination none
-of them was trained on. Every arm trains with the same data, epochs, learning rate, batch and
+(lesion-ring) and gland-square's textures to read — in a combination none of them was trained on. Every arm trains with the same data, epochs, learning rate, batch and
 seeds; only the start differs (``medlego train --init-adapter`` for the merged starts):
 
 * fresh r = 4: E = 0, the paper's baseline start;
@@ -40,7 +39,7 @@ from . import merge_tasks
 from .common import hardware, write_json
 from .merge_table import quiet_determinism, train_specialists
 
-NEW_TASK = merge_tasks.MarkedTask("lesion-texture", "ring", "frequency", 3)
+NEW_TASK = merge_tasks.MarkedTask("lesion-texture", "ring", "orientation", 3, angle=0.8, freq=3.5)
 CHECKPOINTS = (1, 2, 3, 5)  # epochs at which the table reports validation accuracy
 
 

@@ -78,8 +78,11 @@ def heads_only(sources: list[Adapter]) -> Adapter:
 
 
 def _scores(base, adapter, data: dict, model) -> dict:
-    return {t: {k: evaluate_adapter(base, adapter, d, t, "test", model=model)[k] for k in ("accuracy", "auc")}
-            for t, d in data.items()}
+    out = {}
+    for t, d in data.items():
+        m = evaluate_adapter(base, adapter, d, t, "test", model=model)  # one pass per task: accuracy and AUC
+        out[t] = {"accuracy": m["accuracy"], "auc": m["auc"]}
+    return out
 
 
 def _row(cells: dict, specialist: dict | None) -> dict:
@@ -166,12 +169,13 @@ def to_markdown(r: dict) -> str:
     sizes = ", ".join(f"{t} {r['datasets'][t]['splits']['test']}" for t in tasks)
     chances = ", ".join(f"{t} {chance[t]:.3f}" for t in tasks)
     seeds = ", ".join(str(v) for v in s["seeds"].values())
+    se = max(0.5 / r["datasets"][t]["splits"]["test"] ** 0.5 for t in tasks)  # √(p(1−p)/n) at its largest, p = ½
     lines = [
         f"Specialists and merges on {', '.join(tasks)}: {s['model']} at {s['input_size']} px (base: "
         f"{'random init' if r.get('random_base') else 'given weights'}), each specialist r = 4 on Q/V, {s['epochs']} epochs, "
         f"lr {s['lr']} ({s['schedule']}, {s['warmup_steps']} warm-up steps), batch {s['batch_size']}, seeds {seeds}. Cells: test accuracy "
-        f"({sizes} images; ±0.03 is about one standard "
-        f"error of a task's accuracy, ±0.015 of a mean). Normalised: mean over tasks of merged ÷ specialist.", "",
+        f"({sizes} images; one standard error of a task's accuracy is at most ±{se:.3f}, of a {len(tasks)}-task mean "
+        f"±{se / len(tasks) ** 0.5:.3f}). Normalised: mean over tasks of merged ÷ specialist.", "",
         f"Chance: {chances}. Linear probe ≤ chance + 0.15 on every task: "
         f"{'yes' if probe_ok else 'NO'}; specialists ≥ 0.85 on every task: {'yes' if spec_ok else 'NO'}.", "",
         "**Paper-faithful defaults** (parameters in merge_table.json):", ""]
