@@ -17,6 +17,10 @@ A settings file (``--config FILE`` or ``$MEDLEGO_CONFIG``) has one table per sec
     [auth]
     admin_token_file = "/run/secrets/medlego_admin"   # or admin_token = "..."
     api_token_file = "/run/secrets/medlego_api"       # optional: diagnosis needs a token too
+    tokens_file = "/etc/medlego/tokens.toml"          # named callers: [[token]] name, role, sha256
+    [audit]                    # the audit trail in the registry's database (runtime/audit.py)
+    probabilities = true       # false: only the top label and probability
+    max_buffer = 4096          # rows in memory at most: what a kill -9 can lose
     [engine]
     device = "cuda"
     [batching]
@@ -93,6 +97,18 @@ class AuthConfig:
     admin_token: str | None = None  # None: the admin API is closed
     api_token: str | None = None  # None: diagnosis is open
     metrics_public: bool = False  # True: /metrics stays open when an API token is set
+    tokens_file: str | None = None  # TOML of named callers: [[token]] name, role, sha256 (never the token)
+
+
+@dataclass
+class AuditConfig:
+    """The audit trail (runtime/audit.py), in the registry's database."""
+
+    enabled: bool = True
+    probabilities: bool = True  # store every class probability (False: only the top label)
+    max_buffer: int = 4096  # rows held in memory at most: the most a kill -9 can lose
+    batch_rows: int = 256  # write as soon as this many rows wait
+    flush_interval_s: float = 0.2  # …and at least this often
 
 
 @dataclass
@@ -154,6 +170,7 @@ class ServeConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: Limits = field(default_factory=Limits)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def data_dir(self) -> Path:

@@ -142,6 +142,11 @@ class Registry:
         self._index = open_index(url, self.root)
         self._meta = functools.lru_cache(maxsize=META_CACHE_ENTRIES)(self._read_meta)
 
+    @property
+    def index(self):
+        """The index database (the audit log shares it: runtime/audit.py)."""
+        return self._index
+
     def close(self) -> None:
         """Close this process's database connections (the next call opens new ones)."""
         self._index.close()

@@ -10,12 +10,15 @@ The OpenAPI page is at ``/docs``; its scripts and styles are served by this app,
 from __future__ import annotations
 
 import logging
+import uuid
+from typing import Callable
 
 from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from medlego.runtime.audit import CURRENT
 from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError, PayloadTooLargeError, answer_of
 
 from . import limits as checks
@@ -123,7 +126,42 @@ class BodyLimitMiddleware:
                 await respond(too_large)(scope, receive, send)
 
 
-def create_app(service: DiagnosisAPI, *, title: str = "medlego") -> FastAPI:
+class RequestIdMiddleware:
+    """Every answer carries ``X-Request-ID``: the client's when valid (1-128 of ``A-Za-z0-9._:-``),
+    else a fresh one. The id, the API and (after the token check) the caller are noted for the audit log."""
+
+    def __init__(self, app, transport_id: Callable[[], str] | None = None):
+        # transport_id: the id a proxy in front already answers with (Ray Serve's HTTP proxy sets
+        # X-Request-ID itself: the client's or its own); then this layer adopts it and adds no header
+        self.app = app
+        self.transport_id = transport_id
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.transport_id is not None:
+            rid = self.transport_id() or uuid.uuid4().hex
+            CURRENT.set({"id": rid, "api": "v2" if scope.get("path", "").startswith("/v2") else "rest"})
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if valid_request_id(given) else uuid.uuid4().hex
+        CURRENT.set({"id": rid, "api": "v2" if scope.get("path", "").startswith("/v2") else "rest"})
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def valid_request_id(value: str) -> bool:
+    return 0 < len(value) <= 128 and all(c.isascii() and (c.isalnum() or c in "._:-") for c in value)
+
+
+def create_app(service: DiagnosisAPI, *, title: str = "medlego",
+               transport_request_id: Callable[[], str] | None = None) -> FastAPI:
     app = FastAPI(
         title=title, version="1", docs_url=None, redoc_url=None,  # /docs: add_offline_docs below
         description="Medical image diagnosis with one frozen ViT and hot-swapped SVD-LoRA adapters. "
@@ -139,6 +177,7 @@ def create_app(service: DiagnosisAPI, *, title: str = "medlego") -> FastAPI:
         return limits.max_body_bytes
 
     app.add_middleware(BodyLimitMiddleware, limit_for=limit_for)
+    app.add_middleware(RequestIdMiddleware, transport_id=transport_request_id)
 
     @app.exception_handler(MedlegoError)
     async def _medlego_error(request: Request, e: MedlegoError):
@@ -164,6 +203,9 @@ def create_app(service: DiagnosisAPI, *, title: str = "medlego") -> FastAPI:
     def api_auth(authorization: str | None) -> None:
         service.auth.check_api(authorization)
 
+    def read_auth(authorization: str | None) -> None:
+        service.auth.check_read(authorization)
+
     def admin_auth(authorization: str | None) -> None:
         service.auth.check_admin(authorization)
 
@@ -185,12 +227,12 @@ def create_app(service: DiagnosisAPI, *, title: str = "medlego") -> FastAPI:
     # -- registry reads (diagnosis token) -------------------------------------------------------
     @app.get("/v1/adapters", tags=["adapters"], summary="Every registered adapter version and alias")
     async def list_adapters(authorization: str | None = Header(None)):
-        api_auth(authorization)
+        read_auth(authorization)
         return await service.list_adapters()
 
     @app.get("/v1/adapters/{ref}", tags=["adapters"], summary="Metadata of NAME, NAME@VERSION or an alias")
     async def describe_adapter(ref: str, authorization: str | None = Header(None)):
-        api_auth(authorization)
+        read_auth(authorization)
         return await service.describe(ref)
 
     # -- registry writes (admin token) -----------------------------------------------------------
@@ -230,7 +272,7 @@ def create_app(service: DiagnosisAPI, *, title: str = "medlego") -> FastAPI:
 
     @app.get("/v1/aliases", tags=["adapters"], summary="Every alias and its target")
     async def list_aliases(authorization: str | None = Header(None)):
-        api_auth(authorization)
+        read_auth(authorization)
         return await service.aliases()
 
     @app.put("/v1/aliases/{alias}", tags=["admin"],
@@ -270,13 +312,21 @@ def create_app(service: DiagnosisAPI, *, title: str = "medlego") -> FastAPI:
 
     @app.get("/v1/info", tags=["ops"], summary="The resident base, device and pool")
     async def info(authorization: str | None = Header(None)):
-        api_auth(authorization)
+        read_auth(authorization)
         return await service.info()
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (needs the API token when one is set)")
     async def metrics(authorization: str | None = Header(None)):
         service.auth.check_metrics(authorization)
         return Response(await service.metrics_text(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/audit", tags=["audit"], summary="Audit rows (admin or read role), oldest first")
+    async def audit(since: str | None = None, until: str | None = None, adapter: str | None = None,
+                    caller: str | None = None, image_sha256: str | None = None, kind: str | None = None,
+                    limit: int = Query(1000, ge=1, le=100000), authorization: str | None = Header(None)):
+        service.auth.check_audit(authorization)
+        return {"rows": await service.audit_rows(since=since, until=until, adapter=adapter, caller=caller,
+                                                 image_sha256=image_sha256, kind=kind, limit=limit)}
 
     mount_kserve(app, service)  # /v2: the Open Inference Protocol (serving/kserve_rest.py)
     return app

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from medlego.runtime.audit import CURRENT
 from medlego.runtime.errors import BadInputError, MedlegoError, answer_of
 
 from . import medlego_pb2 as pb
@@ -61,6 +63,16 @@ def authorization_of(metadata) -> str | None:
     return None
 
 
+def request_id_of(metadata) -> str:
+    """The client's ``x-request-id`` metadata when valid (as REST's header), else a fresh id."""
+    for key, value in metadata or ():
+        if key == "x-request-id":
+            value = value if isinstance(value, str) else value.decode("latin-1")
+            if 0 < len(value) <= 128 and all(c.isascii() and (c.isalnum() or c in "._:-") for c in value):
+                return value
+    return uuid.uuid4().hex
+
+
 def _item(req: pb.DiagnoseRequest) -> DiagnoseItem:
     return DiagnoseItem(image=bytes(req.image), adapter=req.adapter, task=req.task or None, top_k=req.top_k or None)
 
@@ -93,12 +105,12 @@ class MedlegoRPC:
         return pb.DiagnoseBatchResponse(results=[diagnosis_proto(d) for d in results])
 
     async def ListAdapters(self, req: pb.ListAdaptersRequest, authorization: str | None) -> pb.ListAdaptersResponse:
-        self.api.auth.check_api(authorization)
+        self.api.auth.check_api(authorization, "read")
         listing = await self.api.list_adapters()
         return pb.ListAdaptersResponse(adapters=[adapter_proto(a) for a in listing["adapters"]], aliases=listing["aliases"])
 
     async def DescribeAdapter(self, req: pb.DescribeAdapterRequest, authorization: str | None) -> pb.AdapterInfo:
-        self.api.auth.check_api(authorization)
+        self.api.auth.check_api(authorization, "read")
         return adapter_proto(await self.api.describe(req.ref))
 
     async def RegisterAdapter(self, req: pb.RegisterAdapterRequest, authorization: str | None) -> pb.AdapterInfo:
@@ -118,7 +130,7 @@ class MedlegoRPC:
         return adapter_proto(await self.api.unpin(req.ref))
 
     async def ListAliases(self, req: pb.ListAliasesRequest, authorization: str | None) -> pb.ListAliasesResponse:
-        self.api.auth.check_api(authorization)
+        self.api.auth.check_api(authorization, "read")
         return pb.ListAliasesResponse(aliases=await self.api.aliases())
 
     async def SetAlias(self, req: pb.SetAliasRequest, authorization: str | None) -> pb.SetAliasResponse:
@@ -141,8 +153,17 @@ class MedlegoRPC:
         return pb.HealthResponse(alive=True, ready=h["ready"], adapters=max(0, h["adapters"]), device=h.get("device", ""))
 
     async def Info(self, req: pb.InfoRequest, authorization: str | None) -> pb.InfoResponse:
-        self.api.auth.check_api(authorization)
+        self.api.auth.check_api(authorization, "read")
         return pb.InfoResponse(info_json=json.dumps(await self.api.info(), sort_keys=True, default=str))
+
+    async def QueryAudit(self, req: pb.AuditRequest, authorization: str | None) -> pb.AuditResponse:
+        self.api.auth.check_audit(authorization)
+        if req.limit > 100000:
+            raise BadInputError("'limit' must be at most 100000")
+        rows = await self.api.audit_rows(since=req.since or None, until=req.until or None, adapter=req.adapter or None,
+                                         caller=req.caller or None, image_sha256=req.image_sha256 or None,
+                                         kind=req.kind or None, limit=req.limit or 1000)
+        return pb.AuditResponse(rows_json=[json.dumps(r, sort_keys=True) for r in rows])
 
 
 class RpcMethods:
@@ -156,6 +177,7 @@ class RpcMethods:
 
     async def _answer(self, name: str, request, context):
         metadata = context.invocation_metadata() if context is not None else ()
+        CURRENT.set({"id": request_id_of(metadata), "api": "grpc"})
         try:
             return await getattr(self.rpc, name)(request, authorization_of(metadata))
         except Exception as e:

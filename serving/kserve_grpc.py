@@ -15,13 +15,14 @@ import grpc
 import numpy as np
 from google.protobuf import descriptor_pool
 
+from medlego.runtime.audit import CURRENT
 from medlego.runtime.errors import BadInputError, MedlegoError, answer_of
 
 from . import kserve
 from . import kserve_v2_pb2 as pb
 from . import kserve_v2_pb2_grpc as pb_grpc
 from .contract import DiagnosisAPI
-from .grpc_service import authorization_of
+from .grpc_service import authorization_of, request_id_of
 
 log = logging.getLogger("medlego.serving")
 
@@ -68,6 +69,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.api = api
 
     async def _call(self, name: str, context, fn, empty):
+        CURRENT.set({"id": request_id_of(context.invocation_metadata()), "api": "v2"})
         try:
             return await fn(authorization_of(context.invocation_metadata()))
         except Exception as e:

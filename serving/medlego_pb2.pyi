@@ -242,6 +242,30 @@ class MergeAdaptersRequest(_message.Message):
     move_aliases: bool
     def __init__(self, name: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., params_json: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., task_names: _Optional[_Iterable[str]] = ..., move_aliases: _Optional[bool] = ...) -> None: ...
 
+class AuditRequest(_message.Message):
+    __slots__ = ("since", "until", "adapter", "caller", "image_sha256", "kind", "limit")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    since: str
+    until: str
+    adapter: str
+    caller: str
+    image_sha256: str
+    kind: str
+    limit: int
+    def __init__(self, since: _Optional[str] = ..., until: _Optional[str] = ..., adapter: _Optional[str] = ..., caller: _Optional[str] = ..., image_sha256: _Optional[str] = ..., kind: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class AuditResponse(_message.Message):
+    __slots__ = ("rows_json",)
+    ROWS_JSON_FIELD_NUMBER: _ClassVar[int]
+    rows_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, rows_json: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -86,6 +86,11 @@ class MedlegoStub:
                 request_serializer=medlego_dot_serving_dot_medlego__pb2.InfoRequest.SerializeToString,
                 response_deserializer=medlego_dot_serving_dot_medlego__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.QueryAudit = channel.unary_unary(
+                '/medlego.v1.Medlego/QueryAudit',
+                request_serializer=medlego_dot_serving_dot_medlego__pb2.AuditRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_medlego__pb2.AuditResponse.FromString,
+                _registered_method=True)
 
 
 class MedlegoServicer:
@@ -182,6 +187,13 @@ class MedlegoServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QueryAudit(self, request, context):
+        """Audit rows (admin or read role), oldest first; the filters of GET /v1/audit
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MedlegoServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -254,6 +266,11 @@ def add_MedlegoServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=medlego_dot_serving_dot_medlego__pb2.InfoRequest.FromString,
                     response_serializer=medlego_dot_serving_dot_medlego__pb2.InfoResponse.SerializeToString,
+            ),
+            'QueryAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryAudit,
+                    request_deserializer=medlego_dot_serving_dot_medlego__pb2.AuditRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_medlego__pb2.AuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -634,6 +651,33 @@ class Medlego:
             '/medlego.v1.Medlego/Info',
             medlego_dot_serving_dot_medlego__pb2.InfoRequest.SerializeToString,
             medlego_dot_serving_dot_medlego__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medlego.v1.Medlego/QueryAudit',
+            medlego_dot_serving_dot_medlego__pb2.AuditRequest.SerializeToString,
+            medlego_dot_serving_dot_medlego__pb2.AuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

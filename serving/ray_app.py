@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from medlego.runtime.audit import CURRENT
 from medlego.runtime.config import ServeConfig, ServerConfig, config_from_dict, config_to_dict
 from medlego.runtime.counters import Counters
 from medlego.runtime.errors import BadInputError, MedlegoError, error_class
@@ -174,6 +175,19 @@ class _Held:
         self.held.discard(self.model_id)
 
 
+def _context() -> dict:
+    """The request's audit context at the ingress (its id, caller and front-door API), to travel with the
+    call to a replica, whose audit rows then name the caller and the id the client was answered with."""
+    return dict(CURRENT.get() or {})
+
+
+def _enter(context: dict | None) -> None:
+    """On a replica: the ingress's request context for this call (each call is its own asyncio task,
+    so this stays with the call)."""
+    if context:
+        CURRENT.set(dict(context))
+
+
 @serve.deployment(name="MedlegoReplica", max_ongoing_requests=512, ray_actor_options={"num_cpus": 1})
 class MedlegoReplica:
     def __init__(self, config: dict, torch_threads: int | None = None):
@@ -206,7 +220,8 @@ class MedlegoReplica:
         self._held.add(model_id)
         return _Held(self._held, model_id, resolved)
 
-    async def diagnose(self, item: dict, api: str = "rest") -> dict:
+    async def diagnose(self, item: dict, api: str = "rest", context: dict | None = None) -> dict:
+        _enter(context)
         model_id = serve.get_multiplexed_model_id()
         hit = bool(model_id) and model_id in self._held
         try:
@@ -221,7 +236,8 @@ class MedlegoReplica:
         out["multiplex_hit"] = hit
         return out
 
-    async def admin(self, op: str, *args):
+    async def admin(self, op: str, *args, context: dict | None = None):
+        _enter(context)
         if op not in ADMIN_OPERATIONS:
             return error_record(BadInputError(f"unknown admin operation '{op}'"), self.replica_id)
         try:
@@ -269,7 +285,7 @@ class RayFrontend(RegistryReads):
             handle = self.replicas.options(multiplexed_model_id=model_id)
             fields = {"image": item.image, "adapter": model_id, "task": item.task, "top_k": item.top_k,
                       "pixels": item.pixels}
-            out = unwrap(await handle.diagnose.remote(fields, api))
+            out = unwrap(await handle.diagnose.remote(fields, api, _context()))
         except MedlegoError as e:
             self.counters.inc("requests", adapter="", task="", outcome=outcome_of(e), api=api)
             raise
@@ -289,7 +305,7 @@ class RayFrontend(RegistryReads):
     # writes: on a replica (it validates uploads against its resident base)
     async def _admin(self, op: str, *args):
         assert op in ADMIN_OPERATIONS
-        return unwrap(await self.replicas.admin.remote(op, *args))
+        return unwrap(await self.replicas.admin.remote(op, *args, context=_context()))
 
     async def register(self, name: str, data: bytes, aliases: list[str], move_aliases: bool = False) -> dict:
         checks.check_adapter_bytes(self.limits, data)
@@ -344,7 +360,9 @@ class MedlegoIngress(RpcMethods, KServeMethods):
     def __serve_build_asgi_app__(self):
         from .app import create_app
 
-        return create_app(self.frontend, title="medlego (Ray Serve)")
+        # Ray's HTTP proxy answers with X-Request-ID itself (the client's, or one it made): the audit uses that one
+        return create_app(self.frontend, title="medlego (Ray Serve)",
+                          transport_request_id=lambda: serve.context._get_serve_request_context().request_id)
 
 
 # -- building and running -------------------------------------------------------------------------------

@@ -11,20 +11,24 @@ every upload validated against the resident base before anything is written.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import uuid
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
+import numpy as np
 import torch
 
+from medlego.runtime import audit as audit_log
 from medlego.runtime.adapter_merge import merge_adapters
 from medlego.runtime.batcher import DynamicBatcher
 from medlego.runtime.config import BatchingConfig, Limits, ServeConfig
 from medlego.runtime.engine import Diagnosis, Engine, Request
 from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError, answer_of
-from medlego.runtime.imaging import preprocess
+from medlego.runtime.imaging import preprocess, sniff_format
 from medlego.runtime.registry import Registry, parse_ref
 
 from . import limits as checks
@@ -94,10 +98,29 @@ class RegistryReads:
     async def aliases(self) -> dict[str, str]:
         return await off_loop(self.registry.aliases)
 
+    async def audit_rows(self, **filters) -> list[dict]:
+        """Audit rows matching the filters (runtime/audit.py); the rows still in the buffer are written first."""
+        if filters.get("kind") not in (None, *audit_log.KINDS):
+            raise BadInputError(f"unknown audit kind {filters['kind']!r}; choose from {', '.join(audit_log.KINDS)}")
+        if filters.get("image_sha256") and not _is_hex64(filters["image_sha256"]):
+            raise BadInputError("'image_sha256' must be 64 hex digits")
+        for key in ("adapter", "caller"):
+            checks.check_text(filters.get(key), key)
+        log_ = getattr(self, "audit", None)
+
+        def run():
+            if log_ is not None:
+                log_.flush()
+            else:
+                audit_log.ensure_schema(self.registry.index)
+            return audit_log.query(self.registry.index, **filters)
+        return await off_loop(run)
+
 
 class DiagnosisService(RegistryReads):
     def __init__(self, engine: Engine, *, limits: Limits | None = None, auth: Auth | None = None,
-                 batching: BatchingConfig | None = None, replica: str = ""):
+                 batching: BatchingConfig | None = None, replica: str = "",
+                 audit: "audit_log.AuditLog | None" = None):
         self.engine = engine
         self.registry = engine.registry
         self.limits = limits or Limits()
@@ -115,6 +138,9 @@ class DiagnosisService(RegistryReads):
         self._inflight_lock = threading.Lock()
         self.metrics = metrics_registry(self)
         self.started = time.time()
+        self.audit = audit  # None: nothing is recorded
+        if audit is not None:
+            self.auth.hooks["refused"] = self._refused
 
     @classmethod
     def from_config(cls, cfg: ServeConfig, *, base=None, replica: str = "") -> "DiagnosisService":
@@ -128,8 +154,9 @@ class DiagnosisService(RegistryReads):
         registry = Registry(cfg.data_dir, base=base.spec, max_rank=cfg.engine.max_rank, input_size=base.input_size,
                             **cfg.registry.registry_kwargs())
         engine = Engine(base, registry, cfg.engine)
+        audit = audit_log.AuditLog(registry.index, cfg.audit) if cfg.audit.enabled else None
         return cls(engine, limits=cfg.limits, auth=Auth.from_config(cfg.auth), batching=cfg.batching,
-                   replica=replica)
+                   replica=replica, audit=audit)
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -144,6 +171,8 @@ class DiagnosisService(RegistryReads):
     def close(self) -> None:
         self.batcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.audit is not None:
+            self.audit.close()  # what is still buffered is written before the process ends
 
     @property
     def inflight(self) -> int:
@@ -191,7 +220,14 @@ class DiagnosisService(RegistryReads):
         if len(items) != 1:
             checks.check_batch(self.limits, len(items))
         t0 = time.perf_counter()
-        self._admit(len(items))
+        if self.audit is not None:
+            try:
+                self._admit(len(items))
+            except OverloadedError as e:
+                self._audit_items(items, api, [None] * len(items), None, e, t0)
+                raise
+        else:
+            self._admit(len(items))
         loop = asyncio.get_running_loop()
         requests: list[Request] = []
         try:
@@ -204,6 +240,9 @@ class DiagnosisService(RegistryReads):
             for n, r in enumerate(prepared):
                 if isinstance(r, BaseException):
                     self._count(None, r, api)
+                    if self.audit is not None:
+                        self._audit_items(items, api, [p if not isinstance(p, BaseException) else None
+                                                       for p in prepared], None, r, t0, failed=n)
                     raise item_error(n, len(items), r) from None
             requests = [r for r, _ in prepared]  # type: ignore[misc]
             decode_times = [s for _, s in prepared]  # type: ignore[misc]
@@ -219,6 +258,8 @@ class DiagnosisService(RegistryReads):
         except BaseException as e:
             for r in requests:
                 self._count(r, e, api)
+            if requests and self.audit is not None:
+                self._audit_items(items, api, prepared, None, e, t0)
             raise
         finally:
             self._release(len(items))
@@ -230,7 +271,42 @@ class DiagnosisService(RegistryReads):
             d.timings["total"] = elapsed
             self._count(r, None, api)
             answers.append(self._answer(d))
+        if self.audit is not None:
+            self._audit_items(items, api, prepared, results, None, t0)
         return answers
+
+    # -- the audit trail (runtime/audit.py) -------------------------------------------------------
+    def _audit_items(self, items, api, prepared, results, error, t0, failed: int | None = None) -> None:
+        current = audit_log.CURRENT.get() or {}
+        rid = current.get("id") or uuid.uuid4().hex
+        caller = current.get("caller", "")
+        latency_ms = round((time.perf_counter() - t0) * 1000, 3)
+        outcome = outcome_of(error)
+        for n, item in enumerate(items):
+            p = prepared[n] if prepared is not None and n < len(prepared) else None
+            r = p[0] if isinstance(p, tuple) else None
+            adapter = r.adapter if r is not None else None
+            row = {"request_id": rid if len(items) == 1 else f"{rid}/{n}", "caller": caller, "api": api,
+                   "adapter": adapter.ref if adapter is not None else "",
+                   "adapter_sha256": adapter.sha256 if adapter is not None else "",
+                   "requested": str(item.adapter)[:256],
+                   "task": r.task.name if r is not None and r.task is not None else (item.task or ""),
+                   **_image_fields(item), "latency_ms": latency_ms, "outcome": outcome}
+            if results is not None:
+                d = results[n]
+                top = d.top[0] if d.top else None
+                row["top_label"], row["top_probability"] = (top[0], top[1]) if top else (None, None)
+                if self.audit.settings.probabilities:
+                    row["probabilities"] = d.probabilities
+            else:
+                reason = error if failed is None or failed == n else None
+                row["reason"] = str(reason) if reason is not None else f"image {failed} of the request failed"
+            self.audit.record("diagnosis" if error is None else "refused", **row)
+
+    def _refused(self, caller: str, action: str, reason: str) -> None:
+        current = audit_log.CURRENT.get() or {}
+        self.audit.record("refused", request_id=current.get("id") or uuid.uuid4().hex, caller=caller,
+                          api=current.get("api", ""), action=action, reason=reason, outcome="refused")
 
     def _count(self, request: Request | None, error: BaseException | None, api: str) -> None:
         # only resolved names become labels: a user's typo must not create a new time series
@@ -245,14 +321,33 @@ class DiagnosisService(RegistryReads):
         return out
 
     # -- registry writes (the transports check the admin token) ---------------------------------
-    async def _admin(self, op: str, fn: Callable[[], T]) -> T:
+    async def _admin(self, op: str, fn: Callable[[], T], args: dict | None = None,
+                     before: Callable[[], object] | None = None) -> T:
+        prior = None
+        if self.audit is not None and before is not None:
+            try:
+                prior = await off_loop(before)
+            except MedlegoError:
+                prior = None
         try:
             out = await off_loop(fn)
         except BaseException as e:
             self.engine.counters.inc("admin_operations", op=op, outcome=outcome_of(e))
+            self._audit_admin(op, args, prior, None, e)
             raise
         self.engine.counters.inc("admin_operations", op=op, outcome="ok")
+        self._audit_admin(op, args, prior, out, None)
         return out
+
+    def _audit_admin(self, op, args, before, after, error) -> None:
+        if self.audit is None:
+            return
+        current = audit_log.CURRENT.get() or {}
+        adapter = after.get("ref", "") if isinstance(after, dict) else ""
+        self.audit.record("admin", request_id=current.get("id") or uuid.uuid4().hex, caller=current.get("caller", ""),
+                          api=current.get("api", ""), op=op, args=args or {}, before=before, after=after,
+                          adapter=adapter, outcome=outcome_of(error),
+                          **({"reason": str(error)} if error is not None else {}))
 
     def _register(self, name: str, data: bytes, aliases, move_aliases: bool) -> dict:
         checks.check_adapter_bytes(self.limits, data)
@@ -263,7 +358,9 @@ class DiagnosisService(RegistryReads):
 
     async def register(self, name: str, data: bytes, aliases: list[str], move_aliases: bool = False) -> dict:
         """Validate against the resident base, then write; usable by the next request, no restart."""
-        return await self._admin("register", lambda: self._register(name, data, aliases, move_aliases))
+        return await self._admin("register", lambda: self._register(name, data, aliases, move_aliases),
+                                 {"name": name, "aliases": list(aliases), "move_aliases": move_aliases,
+                                  "upload_sha256": hashlib.sha256(data).hexdigest(), "upload_bytes": len(data)})
 
     async def delete(self, ref: str, all_versions: bool = False) -> list[str]:
         def run():
@@ -276,22 +373,27 @@ class DiagnosisService(RegistryReads):
                 if e.sha256 not in still_used:
                     self.engine.forget(e.sha256)  # in-flight requests keep their own reference
             return [e.ref for e in gone]
-        return await self._admin("delete", run)
+        return await self._admin("delete", run, {"ref": ref, "all_versions": all_versions},
+                                 lambda: [e.to_json() for e in self.registry.list() if e.name == parse_ref(ref)[0]])
 
     async def pin(self, ref: str) -> dict:
-        return await self._admin("pin", lambda: self.registry.describe(self.engine.pin(ref).ref))
+        return await self._admin("pin", lambda: self.registry.describe(self.engine.pin(ref).ref), {"ref": ref},
+                                 lambda: self.registry.describe(ref))
 
     async def unpin(self, ref: str) -> dict:
-        return await self._admin("unpin", lambda: self.registry.describe(self.engine.unpin(ref).ref))
+        return await self._admin("unpin", lambda: self.registry.describe(self.engine.unpin(ref).ref), {"ref": ref},
+                                 lambda: self.registry.describe(ref))
 
     async def set_alias(self, alias: str, target: str) -> dict:
         def run():
             self.registry.set_alias(alias, target)
             return {"alias": alias, "target": target, "resolves_to": self.registry.resolve(alias).ref}
-        return await self._admin("alias", run)
+        return await self._admin("alias", run, {"alias": alias, "target": target},
+                                 lambda: self.registry.aliases().get(alias))
 
     async def remove_alias(self, alias: str) -> None:
-        await self._admin("alias", lambda: self.registry.remove_alias(alias))
+        await self._admin("alias", lambda: self.registry.remove_alias(alias), {"alias": alias, "removed": True},
+                          lambda: self.registry.aliases().get(alias))
 
     async def merge(self, spec: MergeSpec) -> dict:
         """Merge registered adapters (runtime/adapter_merge.py) and register the result as `spec.name`.
@@ -311,7 +413,8 @@ class DiagnosisService(RegistryReads):
             adapter, _ = merge_adapters([a for _, a in loaded], spec.method, params, source_info=info,
                                         task_names=spec.task_names)
             return self._register(spec.name, adapter.to_bytes(), spec.aliases, spec.move_aliases)
-        return await self._admin("merge", run)
+        return await self._admin("merge", run, {"name": spec.name, "sources": spec.sources, "method": spec.method,
+                                                "params": spec.params, "aliases": spec.aliases})
 
     # -- health and metrics ----------------------------------------------------------------------
     def _health(self) -> dict:
@@ -340,8 +443,25 @@ def _preprocessed(pixels, size: int, ref: str) -> torch.Tensor:
     if shape != (3, size, size):
         raise BadInputError(f"preprocessed pixels of shape {list(shape)}; {ref} takes [3, {size}, {size}] "
                             "(see its 'preprocess')")
-    image = torch.as_tensor(pixels, dtype=torch.float32)
+    image = torch.from_numpy(np.array(pixels, dtype=np.float32))  # a copy: the wire's buffer is read-only
     if not bool(torch.isfinite(image).all()):
         raise BadInputError("preprocessed pixels contain NaN or infinite values")
     return image
 
+
+
+def _is_hex64(text: str) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def _image_fields(item: DiagnoseItem) -> dict:
+    """The sha256 of the image bytes as received and their format; never the content."""
+    if item.pixels is not None and not item.image:
+        try:
+            data = memoryview(item.pixels).tobytes()
+        except TypeError:
+            data = bytes(getattr(item.pixels, "tobytes", lambda: b"")())
+        return {"image_sha256": hashlib.sha256(data).hexdigest(), "image_format": "pixels"}
+    data = item.image if isinstance(item.image, (bytes, bytearray)) else b""
+    return {"image_sha256": hashlib.sha256(data).hexdigest(), "image_format": sniff_format(bytes(data[:512])) or "unknown",
+            "image_bytes": len(data)}

@@ -19,6 +19,7 @@ from medlego.runtime.base import load_base  # noqa: E402
 from medlego.runtime.config import EngineConfig  # noqa: E402
 from medlego.runtime.engine import Engine  # noqa: E402
 from medlego.runtime.imaging import decode_image, preprocess  # noqa: E402
+from medlego.runtime import audit  # noqa: E402
 from medlego.runtime.registry import Registry  # noqa: E402
 from medlego.jobs.synthetic import random_adapter  # noqa: E402
 from medlego.serving import medlego_pb2 as pb  # noqa: E402
@@ -108,8 +109,21 @@ def test_hot_registration_errors_and_grpc_through_ray(ray_server, tiny_base):
         r = c.post("/v1/adapters", headers={"Authorization": "Bearer ray-admin"},
                    files={"file": ("n.safetensors", new)}, data={"name": "fresh"})
         assert r.status_code == 201, r.text
-        r = c.post("/v1/diagnose", files={"file": ("x.png", png)}, data={"adapter": "fresh"})
+        r = c.post("/v1/diagnose", files={"file": ("x.png", png)}, data={"adapter": "fresh"},
+                   headers={"X-Request-ID": "ray-study-1"})
         assert r.status_code == 200 and r.json()["adapter"] == "fresh"
+        assert r.headers["x-request-id"] == "ray-study-1"
+        # the replicas' audit rows carry the ingress's request id, caller and front-door API
+        index = Registry(cfg.server.data_dir).index
+        rows: list = []
+        for _ in range(50):
+            rows = [row for row in audit.query(index) if row.get("request_id") == "ray-study-1"]
+            if rows:
+                break
+            time.sleep(0.1)
+        assert [(x["kind"], x["caller"], x["api"], x["adapter"]) for x in rows] == [
+            ("diagnosis", "anonymous", "rest", "fresh@1")], rows
+        assert any(x["kind"] == "admin" and x["caller"] == "admin" and x["api"] == "rest" for x in audit.query(index))
         r = c.post("/v1/adapters", headers={"Authorization": "Bearer ray-admin"},
                    files={"file": ("n.safetensors", b"\0" * 32)}, data={"name": "junk"})
         assert r.status_code == 422 and "safetensors" in r.json()["detail"]
