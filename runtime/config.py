@@ -227,19 +227,24 @@ def _token(value: str | None, where: str) -> str | None:
     return token
 
 
+def read_toml(path: str | os.PathLike, what: str) -> dict:
+    """A TOML file's tables, or a one-line error naming `what` it is (a missing file, invalid TOML)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise BadInputError(f"{what} not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{what} {p} is not valid TOML: {e}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, env: dict | None = None) -> ServeConfig:
     """Defaults ← TOML file (path or $MEDLEGO_CONFIG) ← environment (tokens, data dir)."""
     env = os.environ if env is None else env
     cfg = ServeConfig()
     path = path or env.get(CONFIG_ENV)
     if path:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise BadInputError(f"config file not found: {p}")
-        try:
-            data = tomllib.loads(p.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise BadInputError(f"config file {p} is not valid TOML: {e}") from None
+        data = read_toml(path, "config file")
         sections = _sections()
         unknown = sorted(set(data) - set(sections))
         if unknown:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlego.runtime.audit import CURRENT
-from medlego.runtime.config import ADMIN_TOKEN_ENV, AuthConfig
+from medlego.runtime.config import ADMIN_TOKEN_ENV, AuthConfig, read_toml
 from medlego.runtime.errors import BadInputError, ForbiddenError, UnauthenticatedError
 
 
@@ -62,12 +61,7 @@ class Caller:
 def load_tokens_file(path: str) -> tuple[Caller, ...]:
     """The named callers of a tokens file: ``[[token]]`` tables of name, role and sha256 (hex)."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise BadInputError(f"[auth] tokens_file not found: {p}")
-    try:
-        data = tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise BadInputError(f"tokens file {p} is not valid TOML: {e}") from None
+    data = read_toml(p, "[auth] tokens_file")
     entries = data.get("token", [])
     if not isinstance(entries, list) or set(data) - {"token"}:
         raise BadInputError(f"tokens file {p}: expected only [[token]] tables (name, role, sha256)")
