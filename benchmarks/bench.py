@@ -44,6 +44,8 @@ class BenchConfig:
     weights: str | None = None  # None: a random-init base is written to a temp folder
     img_size: int | None = None
     device: str = "cpu"
+    kernel: str = "auto"  # the engine's --kernel
+    cuda_graphs: bool = False
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     distinct: int = 64  # registered adapters for the all-distinct run
     merge_sources: int = 7
@@ -264,14 +266,15 @@ def run_bench(cfg: BenchConfig) -> dict:
         reg.register("merged", merged.to_bytes())
         max_rank = max(16, merged.max_rank)
         engine = Engine(base, reg, EngineConfig(device=cfg.device, slots=max(cfg.distinct, 8) + 1, max_rank=max_rank,
-                                                max_pass_images=max(cfg.batch_sizes)))
+                                                max_pass_images=max(cfg.batch_sizes), kernel=cfg.kernel,
+                                                cuda_graphs=cfg.cuda_graphs))
         engine.warmup()
         prog.step("setup")
         results = {
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
             "hardware": hardware(),
             "base": {"model": base.name, "input_size": base.input_size, "params": base.num_params,
-                     "engine_dtype": str(engine.dtype).replace("torch.", ""), "kernel": engine.qkv_fn.__name__,
+                     "engine_dtype": str(engine.dtype).replace("torch.", ""), "kernel": engine.kernel_report(),
                      "pool_max_rank": max_rank, "merged_adapter_max_rank": merged.max_rank},
             "throughput": throughput_section(cfg, base, engine, adapters, "merged", prog),
             "cold_load": cold_load_section(cfg, work, prog),
@@ -318,10 +321,21 @@ def goals(r: dict) -> list[dict]:
     return out
 
 
+def kernel_summary(rep: dict | str) -> str:
+    """One line of the engine's kernel report: the forced path, or the measured choice per batch size."""
+    if isinstance(rep, str):  # results written before the kernel choice existed
+        return f"`{rep}`"
+    graphs = ", CUDA graphs" if rep.get("cuda_graphs") else ""
+    if "kernel" in rep:
+        return f"`{rep['kernel']}` ({rep['mode']}{graphs})"
+    chosen = ", ".join(f"{b}→{c['kernel']}" for b, c in rep.get("by_batch", {}).items())
+    return f"auto, measured per batch: {chosen or 'nothing yet'}{graphs}"
+
+
 def to_markdown(r: dict) -> str:
     hw = r["hardware"]
     lines = [f"# medlego bench — {r['base']['model']} at {r['base']['input_size']} px, {r['base']['engine_dtype']}, "
-             f"kernel `{r['base']['kernel']}`", "",
+             f"kernel {kernel_summary(r['base']['kernel'])}", "",
              f"Hardware: {hw.get('gpu') or hw['cpu']} ({hw['cores']} cores, {hw['torch_threads']} torch threads); "
              f"torch {hw['torch']}, triton {hw['triton']}, Python {hw['python']}.", "",
              "## Goals", "", "| issue | what | measured | goal | met |", "| --- | --- | ---: | --- | --- |"]
@@ -420,6 +434,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="timm ViT name (default vit_small_patch16_224; --quick: vit_tiny at 32 px)")
     p.add_argument("--weights", help="base weights file (default: a random-init base written to a temp folder)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--kernel", choices=["auto", "fused", "split", "torch"], default="auto",
+                   help="the engine's qkv path (auto: measured per batch size on CUDA, the reference on CPU)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the trunk from CUDA graphs (CUDA only)")
     p.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8,32")
     p.add_argument("--repeats", type=int)
     p.add_argument("--http", metavar="URL", help="also measure POST /v1/diagnose latency against this server")
@@ -435,7 +452,7 @@ def run_from_args(a) -> int:
         cfg.img_size = None if not a.quick else cfg.img_size
     if a.weights:
         cfg.weights = a.weights
-    cfg.device = a.device
+    cfg.device, cfg.kernel, cfg.cuda_graphs = a.device, a.kernel, a.cuda_graphs
     if a.batch_sizes:
         cfg.batch_sizes = tuple(int(x) for x in a.batch_sizes.split(","))
     if a.repeats:

@@ -11,7 +11,8 @@ from typing import Callable
 from .plan import BatchPlan
 from .reference import qkv_lora_reference
 
-IMPLS = ("torch", "triton")
+IMPLS = ("torch", "fused", "split")
+ALIASES = {"triton": "fused"}  # the fused kernel's first name
 
 
 def triton_available() -> bool:
@@ -23,16 +24,29 @@ def triton_available() -> bool:
 
 
 def get_qkv_impl(name: str = "auto", device: str = "cpu") -> Callable:
-    """'torch' (reference), 'triton' (fused kernel), or 'auto' (triton on CUDA when importable)."""
+    """'torch' (reference), 'fused' (one Triton launch), 'split' (cuBLAS + Triton shrink/expand), or
+    'auto': the fused kernel on CUDA when Triton imports, else the reference. (The engine does its
+    own 'auto': it measures the paths per shape, runtime/kernel_choice.py.)"""
+    name = ALIASES.get(name, name)
     if name == "auto":
-        name = "triton" if str(device).startswith("cuda") and triton_available() else "torch"
+        name = "fused" if str(device).startswith("cuda") and triton_available() else "torch"
     if name == "torch":
         return qkv_lora_reference
-    if name == "triton":
+    if name == "fused":
         from .qkv_lora_triton import qkv_lora_triton
 
         return qkv_lora_triton
+    if name == "split":
+        from .lora_split_triton import qkv_lora_split
+
+        return qkv_lora_split
     raise ValueError(f"unknown kernel '{name}' (choose from auto, {', '.join(IMPLS)})")
 
 
-__all__ = ["BatchPlan", "qkv_lora_reference", "get_qkv_impl", "triton_available"]
+def impl_name(fn: Callable) -> str:
+    """The --kernel name of an implementation."""
+    return {"qkv_lora_reference": "torch", "qkv_lora_triton": "fused", "qkv_lora_split": "split"}.get(
+        getattr(fn, "__name__", ""), getattr(fn, "__name__", str(fn)))
+
+
+__all__ = ["BatchPlan", "IMPLS", "qkv_lora_reference", "get_qkv_impl", "impl_name", "triton_available"]

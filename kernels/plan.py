@@ -43,3 +43,42 @@ class BatchPlan:
             num_active=int((slots >= 0).sum()),
             max_rank=int(max_rank),
         )
+
+
+class PlanBuffers:
+    """The plan's device tensors, preallocated once at fixed addresses and refilled per batch.
+
+    Two reasons: the hot path allocates nothing per batch (only ``copy_`` from a staging buffer, as
+    vLLM fills its LoRA indices), and a CUDA graph captured on these views stays valid for any mix
+    of adapters — a replay reads whatever the buffers hold now.
+    """
+
+    def __init__(self, capacity: int, device: torch.device | str = "cpu"):
+        self.capacity = int(capacity)
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.slots = torch.full((self.capacity,), -1, dtype=torch.int32, device=self.device)
+        self.order = torch.arange(self.capacity, dtype=torch.int64, device=self.device)
+        self._host_slots = torch.empty(self.capacity, dtype=torch.int32, pin_memory=cuda)
+        self._host_order = torch.empty(self.capacity, dtype=torch.int64, pin_memory=cuda)
+        # the staging buffers are read by an asynchronous copy: never rewrite them before it ran
+        self._copied = torch.cuda.Event() if cuda else None
+
+    def fill(self, image_slots: list[int], *, pad_to: int | None = None, max_rank: int = 0) -> BatchPlan:
+        """A plan over the first ``pad_to`` (default: len(image_slots)) entries; padding images get slot −1."""
+        n = len(image_slots)
+        m = n if pad_to is None else pad_to
+        if not n <= m <= self.capacity:
+            raise ValueError(f"a plan of {n} images padded to {m} does not fit buffers of {self.capacity}")
+        padded = list(image_slots) + [-1] * (m - n)
+        order = sorted(range(m), key=padded.__getitem__)  # stable: the slot-sorted image order
+        if self._copied is not None:
+            self._copied.synchronize()
+        self._host_slots.numpy()[:m] = padded
+        self._host_order.numpy()[:m] = order
+        self.slots[:m].copy_(self._host_slots[:m], non_blocking=True)
+        self.order[:m].copy_(self._host_order[:m], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        return BatchPlan(image_slots=self.slots[:m], order=self.order[:m],
+                         num_active=sum(s >= 0 for s in padded), max_rank=int(max_rank))

@@ -136,9 +136,9 @@ def _check(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device:
         raise ValueError(f"{name} must have a unit stride in its last dimension")
 
 
-def qkv_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
-                    lora_e: torch.Tensor, lora_b: torch.Tensor, plan: BatchPlan, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused ``x·Wᵀ + b`` + per-image SVD-LoRA on Q/V (see the module docstring for the semantics)."""
+def check_qkv_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                   lora_e: torch.Tensor, lora_b: torch.Tensor, plan: BatchPlan) -> tuple[int, int, int]:
+    """One-line ValueErrors for what the Triton paths cannot take; returns (N, T, D)."""
     if x.dim() != 3:
         raise ValueError(f"x must be [N, T, D], got shape {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
@@ -146,7 +146,7 @@ def qkv_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     n, t, d = x.shape
     dev = x.device
     if d % 16:
-        raise ValueError(f"embedding dim {d} must be a multiple of 16 for the fused kernel")
+        raise ValueError(f"embedding dim {d} must be a multiple of 16 for the Triton kernels")
     _check("weight", weight, (3 * d, d), x.dtype, dev)
     if bias is not None:
         _check("bias", bias, (3 * d,), x.dtype, dev)
@@ -158,8 +158,17 @@ def qkv_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     _check("lora_a", lora_a, (s, 2, r, d), x.dtype, dev)
     if plan.image_slots.shape != (n,):
         raise ValueError(f"plan has {plan.image_slots.shape[0]} images, x has {n}")
-    if plan.image_slots.device != dev:
+    if plan.image_slots.device != dev or plan.order.device != dev:
         raise ValueError(f"plan is on {plan.image_slots.device}, x on {dev}")
+    return n, t, d
+
+
+def qkv_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                    lora_e: torch.Tensor, lora_b: torch.Tensor, plan: BatchPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused ``x·Wᵀ + b`` + per-image SVD-LoRA on Q/V (see the module docstring for the semantics)."""
+    n, t, d = check_qkv_args(x, weight, bias, lora_a, lora_e, lora_b, plan)
+    dev = x.device
+    r = lora_a.shape[2]
     if not plan.any_active:  # nothing to add: the plain projection is the answer
         y = F.linear(x, weight, bias)
         return out.copy_(y) if out is not None else y
@@ -174,9 +183,8 @@ def qkv_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     r = min(plan.max_rank, r) if plan.max_rank > 0 else r  # ranks above the batch's largest are E = 0 padding
     r_pad = max(16, triton.next_power_of_2(r))
     grid = (n * triton.cdiv(t, cfg["BLOCK_M"]), triton.cdiv(3 * d, cfg["BLOCK_N"]))
-    order = plan.order if plan.order.device == dev else plan.order.to(dev)
     _qkv_lora_kernel[grid](
-        x2, weight, bias if bias is not None else weight, lora_a, lora_e, lora_b, y2, plan.image_slots, order,
+        x2, weight, bias if bias is not None else weight, lora_a, lora_e, lora_b, y2, plan.image_slots, plan.order,
         t, d, 3 * d,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y2.stride(0), y2.stride(1),
         *lora_a.stride(), *lora_e.stride(), *lora_b.stride(),

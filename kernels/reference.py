@@ -59,3 +59,41 @@ def qkv_lora_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         y[..., :d].index_add_(0, active, dq)
         y[..., 2 * d:].index_add_(0, active, dv)
     return y
+
+
+# -- the split path's two low-rank steps (references of kernels/lora_split_triton.py) -------------
+
+def lora_shrink_reference(x2: torch.Tensor, lora_a: torch.Tensor, lora_e: torch.Tensor, plan: BatchPlan, tokens: int,
+                          rank: int, h: torch.Tensor | None = None) -> torch.Tensor:
+    """``H[n·T + t, j, :] = (x[n, t] · A[s, j, :rank]ᵀ) ⊙ E[s, j, :rank]`` in fp32, s = slot of image n.
+
+    x2 is [N·T, D]; H is [N·T, 2, rank] (j = 0 for Q, 1 for V). Rows of images without an adapter
+    are zero here (the kernel leaves them unwritten: the expand step never reads them).
+    """
+    nt, d = x2.shape
+    if h is None:
+        h = torch.empty(nt, 2, rank, device=x2.device, dtype=torch.float32)
+    h.zero_()
+    slots = plan.image_slots.to(torch.int64).cpu().tolist()
+    for n, s in enumerate(slots):
+        if s < 0:
+            continue
+        xs = x2[n * tokens:(n + 1) * tokens].float()
+        for j in range(2):
+            h[n * tokens:(n + 1) * tokens, j] = (xs @ lora_a[s, j, :rank].float().T) * lora_e[s, j, :rank].float()
+    return h
+
+
+def lora_expand_reference(h: torch.Tensor, lora_b: torch.Tensor, plan: BatchPlan, y2: torch.Tensor, tokens: int,
+                          rank: int) -> torch.Tensor:
+    """``y2[rows of image n, Q cols] += H[·, 0] · B[s, 0]ᵀ`` and likewise V, in place; returns y2 [N·T, 3D]."""
+    d = lora_b.shape[2]
+    slots = plan.image_slots.to(torch.int64).cpu().tolist()
+    for n, s in enumerate(slots):
+        if s < 0:
+            continue
+        rows = slice(n * tokens, (n + 1) * tokens)
+        for j, cols in ((0, slice(0, d)), (1, slice(2 * d, 3 * d))):
+            delta = h[rows, j, :rank] @ lora_b[s, j, :, :rank].float().T
+            y2[rows, cols] = (y2[rows, cols].float() + delta).to(y2.dtype)
+    return y2

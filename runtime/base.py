@@ -48,6 +48,11 @@ class BaseModel:
     def depth(self) -> int:
         return self.spec.depth
 
+    @property
+    def tokens(self) -> int:
+        """Tokens per image in every block: patches plus the prefix (class, register) tokens."""
+        return int(self.model.patch_embed.num_patches) + int(getattr(self.model, "num_prefix_tokens", 1))
+
 
 def _timm():
     import timm  # heavy import; kept local so `medlego --help` stays fast

@@ -115,7 +115,10 @@ class AuditConfig:
 class EngineConfig:
     device: str = "cpu"
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
-    kernel: str = "auto"  # "auto" (Triton on CUDA), "torch" (reference), "triton"
+    kernel: str = "auto"  # auto (measured per batch bucket on CUDA; the reference on CPU) | fused | split | torch
+    kernel_cache: str | None = None  # where measured choices are kept (the server: data_dir/kernel_choice.json)
+    cuda_graphs: bool = False  # replay the trunk from CUDA graphs per batch bucket (needs a Triton kernel)
+    pad_batches: bool | None = None  # pad each batch to its power-of-two bucket (None: when cuda_graphs)
     slots: int = 64  # device-tier capacity, in adapters
     unpinned_slots: int | None = None  # slots pins may never take (None: a quarter of the slots, at least 1)
     host_capacity: int = 1024  # host-tier capacity, in adapters

@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medlego.kernels import BatchPlan, get_qkv_impl, qkv_lora_reference
+from medlego.kernels import BatchPlan, impl_name
+from medlego.kernels.plan import PlanBuffers
 
 from .adapter import Adapter, Preprocess, TaskSpec, check_compatible
 from .base import BaseModel
 from .config import EngineConfig
 from .counters import Counters
 from .errors import AdapterFormatError, AdapterNumericError, BadInputError, ConflictError, MedlegoError
+from .kernel_choice import KernelChoice, batch_bucket, measurement_case
 from .lora import PackedSource, pack_adapter
 from .model import AdaptedViT
 from .pool import AdapterPool, HostAdapter
@@ -106,12 +108,45 @@ class Engine:
                                 host_capacity=self.config.host_capacity, device=self.device, dtype=self.dtype,
                                 counters=self.counters)
         try:
-            self.qkv_fn = get_qkv_impl(self.config.kernel, str(self.device))
-        except ImportError:  # Triton missing or broken: the reference is always correct
-            self.qkv_fn = qkv_lora_reference
+            self.kernels = KernelChoice(self.config.kernel, self.device, self.dtype, cache_path=self.config.kernel_cache)
+        except ValueError as e:
+            raise BadInputError(str(e)) from None
+        self.plans = PlanBuffers(self.config.max_pass_images, self.device)  # the batch plan, at fixed addresses
+        graphs = self.config.cuda_graphs
+        self.pad_batches = graphs if self.config.pad_batches is None else self.config.pad_batches
+        self.graphs = None
+        if graphs:
+            self.graphs = self._trunk_graphs()
         # the adapted model has one active adapter source at a time: forwards are serialised
         self._forward = threading.Lock()
         self.ready = False
+
+    def _trunk_graphs(self):
+        from .trunk_graphs import TrunkGraphs
+
+        if self.device.type != "cuda":
+            raise BadInputError("[engine] cuda_graphs needs a CUDA device")
+        if self.kernels.mode == "torch" or (self.kernels.forced is not None and impl_name(self.kernels.forced) == "torch"):
+            raise BadInputError("[engine] cuda_graphs needs a Triton kernel (--kernel auto, fused or split)")
+        self.kernels.candidates = tuple(c for c in self.kernels.candidates if c != "torch")
+        return TrunkGraphs(self.model, (self.pool.lora_a, self.pool.lora_e, self.pool.lora_b),
+                           capacity=self.config.max_pass_images, input_size=self.base.input_size, device=self.device,
+                           dtype=self.dtype, pool_rank=self.config.max_rank)
+
+    @property
+    def qkv_fn(self):
+        """The path outside the batch buckets (probe, warm-up); batches use :meth:`qkv_for`."""
+        return self.kernels.default()
+
+    def bucket(self, n: int) -> int:
+        return batch_bucket(n, self.config.max_pass_images)
+
+    def qkv_for(self, bucket: int):
+        """The qkv path for a batch of this bucket: forced, or measured on first use (then cached)."""
+        qkv = self.model.vit.blocks[0].attn.qkv
+        tokens = self.base.tokens
+        return self.kernels.for_batch(bucket, self.base.spec.embed_dim, tokens, lambda: measurement_case(
+            qkv.weight, qkv.bias, self.pool.slots, self.pool.max_rank, bucket, tokens))
 
     # -- adapters -----------------------------------------------------------------------------
     def resolve(self, ref: str) -> ResolvedAdapter:
@@ -239,15 +274,23 @@ class Engine:
         for r in reqs:
             if r.adapter is not None:
                 distinct.setdefault(r.adapter.sha256, (r.adapter.host, r.adapter.pinned))
+        n = len(reqs)
+        bucket = self.bucket(n)
         pixels = torch.stack([r.image for r in reqs]).to(self.device, self.dtype, non_blocking=True)
+        qkv_fn = self.qkv_for(bucket)
         with self._forward:
             slots = dict(zip(distinct, self.pool.acquire(list(distinct.values()))))
             image_slots = [-1 if r.adapter is None else slots[r.adapter.sha256] for r in reqs]
             batch_rank = max((h.rank for h, _ in distinct.values()), default=0)
-            plan = BatchPlan.build(image_slots, device=self.device, max_rank=batch_rank)
-            source = PackedSource(self.pool.lora_a, self.pool.lora_e, self.pool.lora_b, plan, self.qkv_fn)
+            plan = self.plans.fill(image_slots, pad_to=bucket if self.pad_batches else n, max_rank=batch_rank)
             t1 = time.perf_counter()
-            feats = self.model.features(pixels, source if plan.any_active else None).float()  # [N, D]
+            if self.graphs is not None and impl_name(qkv_fn) != "torch":  # the reference cannot be captured
+                feats = self.graphs.run(pixels, plan, qkv_fn)[:n].float().clone()  # the graph's output is reused
+            else:
+                if plan.batch > n:  # padding images: zeros, slot −1 (each image's result is its own)
+                    pixels = torch.cat([pixels, pixels.new_zeros(plan.batch - n, *pixels.shape[1:])])
+                source = PackedSource(self.pool.lora_a, self.pool.lora_e, self.pool.lora_b, plan, qkv_fn)
+                feats = self.model.features(pixels, source if plan.any_active else None)[:n].float()  # [N, D]
         probs = self._heads(reqs, feats, {sha: h for sha, (h, _) in distinct.items()})
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -292,13 +335,21 @@ class Engine:
             multilabel=r.task.multilabel, timings=timings)
 
     def warmup(self) -> None:
-        """One forward of the base (and of the adapter path) so the first request pays no setup."""
+        """The kernel choice for every batch bucket (measured or read from the cache), and one forward
+        of the base and of the adapter path, so that the first request pays no setup."""
+        b = 1
+        while True:
+            self.qkv_for(self.bucket(b))
+            if self.bucket(b) >= self.config.max_pass_images:
+                break
+            b *= 2
         s = self.base.input_size
         x = torch.zeros(2, 3, s, s, device=self.device, dtype=self.dtype)
         with torch.inference_mode(), self._forward:
             self.model.features(x)
             plan = BatchPlan.build([0, -1], device=self.device, max_rank=self.config.max_rank)
-            self.model.features(x, PackedSource(self.pool.lora_a, self.pool.lora_e, self.pool.lora_b, plan, self.qkv_fn))
+            self.model.features(x, PackedSource(self.pool.lora_a, self.pool.lora_e, self.pool.lora_b, plan,
+                                                self.qkv_for(self.bucket(2))))
         self.ready = True
 
     def pool_stats(self) -> dict:
@@ -307,4 +358,13 @@ class Engine:
 
     def stats(self) -> dict:
         return {"pool": self.pool.stats(), "registry_size": len(self.registry), "device": str(self.device),
-                "dtype": str(self.dtype).replace("torch.", ""), "kernel": getattr(self.qkv_fn, "__name__", "?")}
+                "dtype": str(self.dtype).replace("torch.", ""), "kernel": self.kernel_report()}
+
+    def kernel_report(self) -> dict:
+        """The qkv path per batch bucket and how it was chosen, plus whether CUDA graphs are on."""
+        out = self.kernels.report()
+        out["cuda_graphs"] = self.graphs is not None
+        if self.graphs is not None:
+            out["captured_batches"] = self.graphs.buckets
+        out["pad_batches"] = bool(self.pad_batches)
+        return out

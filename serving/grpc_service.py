@@ -63,6 +63,13 @@ def authorization_of(metadata) -> str | None:
     return None
 
 
+def echo_request_id(context, rid: str) -> None:
+    """The request id back to the client as trailing metadata (REST's X-Request-ID), answer or error."""
+    setter = getattr(context, "set_trailing_metadata", None)
+    if setter is not None:
+        setter([("x-request-id", rid)])  # a list: Ray's gRPC context prepends its own list
+
+
 def request_id_of(metadata) -> str:
     """The client's ``x-request-id`` metadata when valid (as REST's header), else a fresh id."""
     for key, value in metadata or ():
@@ -177,7 +184,9 @@ class RpcMethods:
 
     async def _answer(self, name: str, request, context):
         metadata = context.invocation_metadata() if context is not None else ()
-        CURRENT.set({"id": request_id_of(metadata), "api": "grpc"})
+        rid = request_id_of(metadata)
+        CURRENT.set({"id": rid, "api": "grpc"})
+        echo_request_id(context, rid)
         try:
             return await getattr(self.rpc, name)(request, authorization_of(metadata))
         except Exception as e:

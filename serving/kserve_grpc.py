@@ -22,7 +22,7 @@ from . import kserve
 from . import kserve_v2_pb2 as pb
 from . import kserve_v2_pb2_grpc as pb_grpc
 from .contract import DiagnosisAPI
-from .grpc_service import authorization_of, request_id_of
+from .grpc_service import authorization_of, echo_request_id, request_id_of
 
 log = logging.getLogger("medlego.serving")
 
@@ -69,7 +69,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.api = api
 
     async def _call(self, name: str, context, fn, empty):
-        CURRENT.set({"id": request_id_of(context.invocation_metadata()), "api": "v2"})
+        rid = request_id_of(context.invocation_metadata())
+        CURRENT.set({"id": rid, "api": "v2"})
+        echo_request_id(context, rid)
         try:
             return await fn(authorization_of(context.invocation_metadata()))
         except Exception as e:

@@ -34,10 +34,12 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from ray import serve
 
+from medlego.runtime import audit as audit_log
 from medlego.runtime.audit import CURRENT
 from medlego.runtime.config import ServeConfig, ServerConfig, config_from_dict, config_to_dict
 from medlego.runtime.counters import Counters
@@ -50,7 +52,7 @@ from .contract import ADMIN_OPERATIONS, DiagnoseItem, MergeSpec, item_error
 from .grpc_service import MedlegoRPC, RpcMethods
 from .kserve_grpc import KServeMethods, KServeServicer
 from .metrics import CountersOnlyCollector, render
-from .service import DiagnosisService, RegistryReads, outcome_of
+from .service import DiagnosisService, RegistryReads, image_fields, outcome_of
 
 log = logging.getLogger("medlego.serving")
 
@@ -269,13 +271,38 @@ class RayFrontend(RegistryReads):
         self.auth = Auth.from_config(cfg.auth)
         # reads only; writes are validated by a replica, which holds the base
         self.registry = Registry(cfg.data_dir, **on_this_node(cfg).registry.registry_kwargs())
+        # what is refused here never reaches a replica, so the ingress writes those audit rows itself
+        self.audit = audit_log.AuditLog(self.registry.index, cfg.audit) if cfg.audit.enabled else None
+        if self.audit is not None:
+            self.auth.hooks["refused"] = self._refused
         self.counters = Counters()
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(CountersOnlyCollector(self.counters))
         self.bridge = RayMetricsBridge(self.counters)
 
+    def _refused(self, caller: str, action: str, reason: str) -> None:
+        assert self.audit is not None
+        current = CURRENT.get() or {}
+        self.audit.record("refused", request_id=current.get("id") or uuid.uuid4().hex, caller=caller,
+                          api=current.get("api", ""), action=action, reason=reason, outcome="refused")
+
+    def _audit_unrouted(self, item: DiagnoseItem, api: str, error: MedlegoError, t0: float) -> None:
+        """A diagnosis that failed before any replica saw it (a bad or unknown reference)."""
+        if self.audit is None:
+            return
+        current = CURRENT.get() or {}
+        self.audit.record("refused", request_id=current.get("id") or uuid.uuid4().hex, caller=current.get("caller", ""),
+                          api=api, adapter="", adapter_sha256="", requested=str(item.adapter)[:256], task=item.task or "",
+                          **image_fields(item), latency_ms=round((time.perf_counter() - t0) * 1000, 3),
+                          outcome=outcome_of(error), reason=str(error))
+
+    def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()  # what is still buffered is written before the ingress goes
+
     async def diagnose(self, item: DiagnoseItem, api: str = "rest") -> dict:
         t0 = time.perf_counter()
+        routed = False
         try:
             ref = checks.check_text(item.adapter, "adapter")
             if ref is None:
@@ -285,9 +312,12 @@ class RayFrontend(RegistryReads):
             handle = self.replicas.options(multiplexed_model_id=model_id)
             fields = {"image": item.image, "adapter": model_id, "task": item.task, "top_k": item.top_k,
                       "pixels": item.pixels}
+            routed = True  # from here on the replica audits the request, answer or error
             out = unwrap(await handle.diagnose.remote(fields, api, _context()))
         except MedlegoError as e:
             self.counters.inc("requests", adapter="", task="", outcome=outcome_of(e), api=api)
+            if not routed:
+                self._audit_unrouted(item, api, e, t0)
             raise
         self.counters.inc("requests", adapter=out["adapter"], task=out["task"], outcome="ok", api=api)
         self.counters.observe("request_seconds", time.perf_counter() - t0, api=api)
@@ -356,6 +386,11 @@ class MedlegoIngress(RpcMethods, KServeMethods):
         self.frontend = RayFrontend(replicas, config_from_dict(config))
         self.rpc = MedlegoRPC(self.frontend)
         self.kserve = KServeServicer(self.frontend)
+
+    def __del__(self):  # Ray Serve's shutdown of a replica: the buffered audit rows first
+        frontend = getattr(self, "frontend", None)
+        if frontend is not None:
+            frontend.close()
 
     def __serve_build_asgi_app__(self):
         from .app import create_app

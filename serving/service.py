@@ -153,6 +153,8 @@ class DiagnosisService(RegistryReads):
             base = load_base(cfg.base.model, cfg.base.weights, pretrained=cfg.base.pretrained)
         registry = Registry(cfg.data_dir, base=base.spec, max_rank=cfg.engine.max_rank, input_size=base.input_size,
                             **cfg.registry.registry_kwargs())
+        if cfg.engine.kernel_cache is None:  # measured kernel choices outlive a restart
+            cfg.engine.kernel_cache = str(cfg.data_dir / "kernel_choice.json")
         engine = Engine(base, registry, cfg.engine)
         audit = audit_log.AuditLog(registry.index, cfg.audit) if cfg.audit.enabled else None
         return cls(engine, limits=cfg.limits, auth=Auth.from_config(cfg.auth), batching=cfg.batching,
@@ -291,7 +293,7 @@ class DiagnosisService(RegistryReads):
                    "adapter_sha256": adapter.sha256 if adapter is not None else "",
                    "requested": str(item.adapter)[:256],
                    "task": r.task.name if r is not None and r.task is not None else (item.task or ""),
-                   **_image_fields(item), "latency_ms": latency_ms, "outcome": outcome}
+                   **image_fields(item), "latency_ms": latency_ms, "outcome": outcome}
             if results is not None:
                 d = results[n]
                 top = d.top[0] if d.top else None
@@ -454,7 +456,7 @@ def _is_hex64(text: str) -> bool:
     return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
-def _image_fields(item: DiagnoseItem) -> dict:
+def image_fields(item: DiagnoseItem) -> dict:
     """The sha256 of the image bytes as received and their format; never the content."""
     if item.pixels is not None and not item.image:
         try:

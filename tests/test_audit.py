@@ -212,12 +212,18 @@ def test_grpc_diagnoses_are_audited_and_queried_with_roles(setup):
     image = encode_png(random_image(40, 24))
     with grpc.insecure_channel(srv.grpc_target) as channel:
         stub = pb_grpc.MedlegoStub(channel)
-        answer = stub.Diagnose(pb.DiagnoseRequest(image=image, adapter="derma@1"),
-                               metadata=[("authorization", f"Bearer {TOKENS['bob'][1]}"), ("x-request-id", "grpc-1")])
-        assert answer.version == 1
+        answer, call = stub.Diagnose.with_call(pb.DiagnoseRequest(image=image, adapter="derma@1"), metadata=[
+            ("authorization", f"Bearer {TOKENS['bob'][1]}"), ("x-request-id", "grpc-1")])
+        assert answer.version == 1 and ("x-request-id", "grpc-1") in call.trailing_metadata()  # echoed, as REST does
+        with pytest.raises(grpc.RpcError) as refused:  # an error carries an id too (a fresh one: none was given)
+            stub.Diagnose(pb.DiagnoseRequest(image=image, adapter="nope"),
+                          metadata=[("authorization", f"Bearer {TOKENS['bob'][1]}")])
+        (rid,) = [v for k, v in refused.value.trailing_metadata() if k == "x-request-id"]
+        assert len(rid) == 32 and rid != "grpc-1"
         rows = [json.loads(x) for x in stub.QueryAudit(pb.AuditRequest(image_sha256=hashlib.sha256(image).hexdigest()),
                                                        metadata=[("authorization", f"Bearer {TOKENS['carol'][1]}")]).rows_json]
-        assert [(x["caller"], x["api"], x["adapter"], x["request_id"]) for x in rows] == [("bob", "grpc", "derma@1", "grpc-1")]
+        assert sorted((x["caller"], x["api"], x["adapter"], x["request_id"]) for x in rows) == sorted(
+            [("bob", "grpc", "derma@1", "grpc-1"), ("bob", "grpc", "", rid)])  # the failure is audited under its id
         for who, call in (("alice", lambda md: stub.QueryAudit(pb.AuditRequest(), metadata=md)),
                           ("carol", lambda md: stub.Diagnose(pb.DiagnoseRequest(image=image, adapter="derma"), metadata=md))):
             with pytest.raises(grpc.RpcError) as e:

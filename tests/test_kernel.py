@@ -1,12 +1,14 @@
-"""The fused Triton kernel equals the PyTorch reference (under TRITON_INTERPRET=1 on the CPU)."""
+"""Both Triton paths (fused; split = cuBLAS + shrink/expand) equal the PyTorch reference (under
+TRITON_INTERPRET=1 on the CPU)."""
 
 import pytest
 import torch
 
 from medlego.kernels import get_qkv_impl
 from medlego.kernels.plan import BatchPlan
+from medlego.kernels.lora_split_triton import lora_expand_triton, lora_shrink_triton, qkv_lora_split
 from medlego.kernels.qkv_lora_triton import qkv_lora_triton
-from medlego.kernels.reference import qkv_lora_reference
+from medlego.kernels.reference import lora_expand_reference, lora_shrink_reference, qkv_lora_reference
 from medlego.runtime.lora import PackedSource
 from medlego.runtime.model import AdaptedViT
 
@@ -41,9 +43,10 @@ CASES = [  # (images, tokens, dim, slots per image, ranks per slot)
 ]
 
 
+@pytest.mark.parametrize("impl", [qkv_lora_triton, qkv_lora_split], ids=["fused", "split"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n, t, d, slots, ranks", CASES)
-def test_kernel_matches_reference(n, t, d, slots, ranks, dtype):
+def test_kernel_matches_reference(n, t, d, slots, ranks, dtype, impl):
     g = torch.Generator().manual_seed(n * 100 + t)
     r = max(ranks)
     a, e, b = _bank(len(ranks), r, d, ranks, g, zero_q={0} if t == 33 else (), zero_v={1} if t == 33 else ())
@@ -53,7 +56,7 @@ def test_kernel_matches_reference(n, t, d, slots, ranks, dtype):
     args = [v.to(DEVICE, dtype) for v in (x, w, bias, a, e, b)]
     plan = BatchPlan.build(slots, device=DEVICE, max_rank=r)
     out = torch.full((n, t, 3 * d), float("nan"), device=DEVICE, dtype=dtype)  # poisoned: every entry must be written
-    got = qkv_lora_triton(*args, plan, out=out)
+    got = impl(*args, plan, out=out)
     ref = qkv_lora_reference(*[v.float() for v in args], plan)
     assert not torch.isnan(got).any()
     rel = (got.float() - ref).abs().max() / ref.abs().max()
@@ -61,6 +64,30 @@ def test_kernel_matches_reference(n, t, d, slots, ranks, dtype):
     if any(s >= 0 for s in slots):  # the adapters matter here, so equality is not vacuous
         plain = torch.nn.functional.linear(*[v.float() for v in args[:3]])
         assert (ref - plain).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shrink_and_expand_match_their_references(dtype):
+    """The split path's two steps, each against its reference: odd token count, mixed ranks, a slot −1."""
+    g = torch.Generator().manual_seed(7)
+    n, t, d, ranks, slots = 5, 13, 48, [2, 5, 3], [2, -1, 0, 1, 2]
+    a, e, b = (v.to(DEVICE, dtype) for v in _bank(len(ranks), max(ranks), d, ranks, g))
+    plan = BatchPlan.build(slots, device=DEVICE, max_rank=max(ranks))
+    x2 = torch.randn(n * t, d, generator=g).to(DEVICE, dtype)
+    r = max(ranks)
+    h = lora_shrink_triton(x2, a, e, plan, t, r)
+    h_ref = lora_shrink_reference(x2, a, e, plan, t, r)
+    active = torch.tensor([s >= 0 for s in slots]).repeat_interleave(t).to(DEVICE)
+    assert h_ref[active].abs().max() > 0.1
+    assert (h[active] - h_ref[active]).abs().max() / h_ref.abs().max() < TOL[dtype]
+    y0 = torch.randn(n * t, 3 * d, generator=g).to(DEVICE, dtype)
+    got = lora_expand_triton(h_ref.clone(), b, plan, y0.clone(), t, r)
+    want = lora_expand_reference(h_ref, b, plan, y0.clone().float(), t, r)
+    assert (got.float() - want).abs().max() / want.abs().max() < TOL[dtype]
+    k_cols, inactive = slice(d, 2 * d), ~active
+    assert torch.equal(got[:, k_cols], y0[:, k_cols])  # K columns never touched
+    assert torch.equal(got[inactive], y0[inactive])  # nor images without an adapter
+    assert (got.float() - y0.float()).abs().max() > 0.1  # the adapters changed Q and V
 
 
 def test_wrapper_validates_inputs():
@@ -99,7 +126,11 @@ def test_gpu_benchmark_script_runs_in_interpreter_mode(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "kernel_bench_interpret.json").read_text())
     assert len(res["kernel"]) == 4 and all(row["max_rel_err"] < 1e-4 for row in res["kernel"])
+    assert all(row["split_max_rel_err"] < 1e-4 and row["best"] in ("fused", "split") for row in res["kernel"])
     assert res["engine"]["kernel"] == "qkv_lora_reference" and res["engine"]["ratio"] > 0
+    assert res["engine"]["kernel_choice"]["kernel"] == "torch"  # CPU auto: the reference, not measured
+    lat = res["engine"]["latency"]
+    assert lat["base_batch1_ms"] > 0 and [r["engine"] for r in lat["rows"]] == ["eager"]  # no graphs on a CPU
     assert [r["adapters"] for r in res["engine"]["rows"]] == ["1", "distinct"]
     assert res["sweep"] and all("error" not in r and r["max_rel_err"] < 1e-4 for r in res["sweep"])
-    assert len(res["goals"]) == 3 and all(g["met"] is None for g in res["goals"])  # the interpreter is not a measurement
+    assert len(res["goals"]) == 4 and all(g["met"] is None for g in res["goals"])  # the interpreter is not a measurement

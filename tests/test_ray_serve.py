@@ -5,6 +5,7 @@ and the gRPC proxy work. One deployment for the whole module (Ray start-up is th
 from __future__ import annotations
 
 import collections
+import hashlib
 import concurrent.futures as cf
 import time
 
@@ -100,7 +101,8 @@ def test_hot_registration_errors_and_grpc_through_ray(ray_server, tiny_base):
     url = f"http://127.0.0.1:{cfg.server.port}"
     png = encode_png(random_image(9, 32))
     with httpx.Client(base_url=url, timeout=60) as c:
-        r = c.post("/v1/diagnose", files={"file": ("x.png", png)}, data={"adapter": "r"})
+        r = c.post("/v1/diagnose", files={"file": ("x.png", png)}, data={"adapter": "r"},
+                   headers={"X-Request-ID": "ray-miss-1"})
         assert r.status_code == 404 and "did you mean r0, r1" in r.json()["detail"]
         r = c.post("/v1/diagnose", files={"file": ("x.png", b"junk")}, data={"adapter": "r0"})
         assert r.status_code == 400 and "PNG, JPEG or DICOM" in r.json()["detail"]
@@ -124,6 +126,11 @@ def test_hot_registration_errors_and_grpc_through_ray(ray_server, tiny_base):
         assert [(x["kind"], x["caller"], x["api"], x["adapter"]) for x in rows] == [
             ("diagnosis", "anonymous", "rest", "fresh@1")], rows
         assert any(x["kind"] == "admin" and x["caller"] == "admin" and x["api"] == "rest" for x in audit.query(index))
+        # refused at the ingress, so no replica saw them: the ingress audits those itself
+        missed = [x for x in audit.query(index) if x.get("request_id") == "ray-miss-1"]
+        assert [(x["kind"], x["outcome"], x["requested"], x["image_sha256"]) for x in missed] == [
+            ("refused", "not_found", "r", hashlib.sha256(png).hexdigest())], missed
+        assert any(x["kind"] == "refused" and x.get("action") == "admin" for x in audit.query(index))
         r = c.post("/v1/adapters", headers={"Authorization": "Bearer ray-admin"},
                    files={"file": ("n.safetensors", b"\0" * 32)}, data={"name": "junk"})
         assert r.status_code == 422 and "safetensors" in r.json()["detail"]
@@ -134,8 +141,10 @@ def test_hot_registration_errors_and_grpc_through_ray(ray_server, tiny_base):
 
     with grpc.insecure_channel(f"127.0.0.1:{cfg.server.grpc_port}") as ch:
         stub = pb_grpc.MedlegoStub(ch)
-        answer = stub.Diagnose(pb.DiagnoseRequest(adapter="r2", image=png), timeout=60)
+        answer, call = stub.Diagnose.with_call(pb.DiagnoseRequest(adapter="r2", image=png), timeout=60,
+                                               metadata=[("x-request-id", "ray-grpc-1")])
         assert answer.adapter == "r2" and answer.replica
+        assert ("x-request-id", "ray-grpc-1") in call.trailing_metadata()  # echoed through Ray's gRPC proxy too
         with pytest.raises(grpc.RpcError) as e:
             stub.Diagnose(pb.DiagnoseRequest(adapter="missing", image=png), timeout=60)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown adapter 'missing'" in e.value.details()

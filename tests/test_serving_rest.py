@@ -411,6 +411,8 @@ def test_metrics_move_and_health(client):
     assert _metric(after, "medlego_pool_hits_total", tier="device") > _metric(before, "medlego_pool_hits_total", tier="device")
     assert _metric(after, "medlego_registry_adapters") >= 4 and _metric(after, "medlego_ready") == 1
     assert "medlego_pool_resident_bytes" in after and "medlego_request_seconds_bucket" in after
+    kernel = client.get("/v1/info").json()["kernel"]  # the qkv path and how it was chosen (CPU: the reference)
+    assert kernel["mode"] == "auto" and kernel["kernel"] == "torch" and kernel["cuda_graphs"] is False
     spec = client.get("/openapi.json").json()
     assert {"/v1/diagnose", "/v1/diagnose/batch", "/v1/adapters", "/metrics"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/v1/diagnose"]["post"]["requestBody"]["content"]

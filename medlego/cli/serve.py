@@ -23,7 +23,12 @@ def register(sub) -> None:
     p.add_argument("--no-grpc", action="store_true", help="serve REST only")
     p.add_argument("--device", help="cpu, cuda, cuda:1 …")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--kernel", choices=["auto", "torch", "triton"], help="LoRA kernel (auto: Triton on CUDA)")
+    p.add_argument("--kernel", choices=["auto", "fused", "split", "torch", "triton"],
+                   help="qkv + LoRA path: auto (measured per batch size on CUDA, kept in DATA_DIR/kernel_choice.json; "
+                        "the PyTorch reference on CPU), fused (one Triton launch), split (cuBLAS + Triton shrink/expand), "
+                        "torch (the reference); triton = fused")
+    p.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="replay the adapted trunk from CUDA graphs per power-of-two batch bucket (CUDA, Triton kernel)")
     p.add_argument("--slots", type=int, help="adapters resident on the device at once")
     p.add_argument("--max-batch", type=int, help="images per engine batch")
     p.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill")
@@ -60,7 +65,7 @@ def config_from_args(args):
             setattr(cfg.server, flag, getattr(args, flag))
     if args.no_grpc:
         cfg.server.grpc = False
-    for flag in ("device", "dtype", "kernel", "slots"):
+    for flag in ("device", "dtype", "kernel", "cuda_graphs", "slots"):
         if getattr(args, flag) is not None:
             setattr(cfg.engine, flag, getattr(args, flag))
     for flag in ("max_batch", "max_wait_ms", "max_queue"):
