@@ -284,8 +284,11 @@ class Engine:
             batch_rank = max((h.rank for h, _ in distinct.values()), default=0)
             plan = self.plans.fill(image_slots, pad_to=bucket if self.pad_batches else n, max_rank=batch_rank)
             t1 = time.perf_counter()
+            graphed = None
             if self.graphs is not None and impl_name(qkv_fn) != "torch":  # the reference cannot be captured
-                feats = self.graphs.run(pixels, plan, qkv_fn)[:n].float().clone()  # the graph's output is reused
+                graphed = self.graphs.run(pixels, plan, qkv_fn)
+            if graphed is not None:
+                feats = graphed[:n].float().clone()  # the graph's output buffer is reused by the next replay
             else:
                 if plan.batch > n:  # padding images: zeros, slot −1 (each image's result is its own)
                     pixels = torch.cat([pixels, pixels.new_zeros(plan.batch - n, *pixels.shape[1:])])
@@ -366,5 +369,7 @@ class Engine:
         out["cuda_graphs"] = self.graphs is not None
         if self.graphs is not None:
             out["captured_batches"] = self.graphs.buckets
+            if self.graphs.failed:
+                out["capture_failed"] = {str(b): why for b, why in self.graphs.failed.items()}
         out["pad_batches"] = bool(self.pad_batches)
         return out

@@ -40,24 +40,35 @@ class TrunkGraphs:
         self.pool_rank = pool_rank
         self.pixels = torch.zeros(capacity, 3, input_size, input_size, device=device, dtype=dtype)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.failed: dict[int, str] = {}  # bucket -> why its capture failed (that bucket then runs eagerly)
         self._mempool = torch.cuda.graph_pool_handle()  # all buckets share one memory pool
 
     @property
     def buckets(self) -> list[int]:
         return sorted(self._graphs)
 
-    def run(self, pixels: torch.Tensor, plan: BatchPlan, qkv_fn: Callable) -> torch.Tensor:
-        """Features [plan.batch, D] of ``pixels`` (n ≤ plan.batch images; the plan is padded to its bucket).
+    def run(self, pixels: torch.Tensor, plan: BatchPlan, qkv_fn: Callable) -> torch.Tensor | None:
+        """Features [plan.batch, D] of ``pixels`` (n ≤ plan.batch images; the plan is padded to its bucket),
+        or None when this bucket cannot be captured (the caller then runs the trunk eagerly).
 
         The result is the graph's static output: read (or clone) it before the next call.
         """
         n, b = pixels.shape[0], plan.batch
+        if b in self.failed:
+            return None
+        graph = self._graphs.get(b)
+        if graph is None:
+            try:
+                graph = self._capture(plan, qkv_fn)
+            except Exception as e:  # a capture that fails costs this bucket its graph, never an answer
+                torch.cuda.synchronize()
+                self.failed[b] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                log.warning("CUDA graph capture for batch %d failed (%s); that batch size runs eagerly", b,
+                            self.failed[b])
+                return None
         self.pixels[:n].copy_(pixels)
         if b > n:
             self.pixels[n:b].zero_()
-        graph = self._graphs.get(b)
-        if graph is None:
-            graph = self._capture(plan, qkv_fn)
         graph[0].replay()
         return graph[1]
 
