@@ -126,11 +126,21 @@ def test_hot_registration_errors_and_grpc_through_ray(ray_server, tiny_base):
         assert [(x["kind"], x["caller"], x["api"], x["adapter"]) for x in rows] == [
             ("diagnosis", "anonymous", "rest", "fresh@1")], rows
         assert any(x["kind"] == "admin" and x["caller"] == "admin" and x["api"] == "rest" for x in audit.query(index))
-        # refused at the ingress, so no replica saw them: the ingress audits those itself
-        missed = [x for x in audit.query(index) if x.get("request_id") == "ray-miss-1"]
+        # refused at the ingress, so no replica saw them: the ingress audits those itself (its own writer,
+        # flushed on its own clock: wait for its rows)
+        def ingress_rows():
+            rows = audit.query(index)
+            return ([x for x in rows if x.get("request_id") == "ray-miss-1"],
+                    [x for x in rows if x["kind"] == "refused" and x.get("action") == "admin"])
+
+        for _ in range(100):
+            missed, admin_refused = ingress_rows()
+            if missed and admin_refused:
+                break
+            time.sleep(0.1)
         assert [(x["kind"], x["outcome"], x["requested"], x["image_sha256"]) for x in missed] == [
             ("refused", "not_found", "r", hashlib.sha256(png).hexdigest())], missed
-        assert any(x["kind"] == "refused" and x.get("action") == "admin" for x in audit.query(index))
+        assert admin_refused, audit.query(index)
         r = c.post("/v1/adapters", headers={"Authorization": "Bearer ray-admin"},
                    files={"file": ("n.safetensors", b"\0" * 32)}, data={"name": "junk"})
         assert r.status_code == 422 and "safetensors" in r.json()["detail"]
