@@ -44,7 +44,8 @@ def cuda_timer(fn: Callable[[], object]) -> float:
     """Median of CUDA-event timings with L2 flushed between calls (triton.testing.do_bench)."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1000.0
+    ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    return float(ms) / 1000.0  # type: ignore[arg-type]  (a float for return_mode="median")
 
 
 def _versions() -> str:
@@ -123,7 +124,9 @@ class KernelChoice:
 
     def _measure(self, args: tuple) -> dict:
         assert self.timer is not None
-        want = qkv_lora_reference(*[a.float() if isinstance(a, torch.Tensor) else a for a in args])
+        x, weight, bias, a, e, b, plan = args
+        want = qkv_lora_reference(x.float(), weight.float(), None if bias is None else bias.float(), a.float(), e.float(),
+                                  b.float(), plan)
         ms: dict[str, float] = {}
         refused: dict[str, str] = {}
         for name in self.candidates:
