@@ -29,6 +29,17 @@ from .qkv_lora_triton import check_qkv_args
 
 
 @triton.jit
+def _image_tile(order_ptr, slots_ptr, T, BLOCK_M: tl.constexpr):
+    """This program's image (slot-sorted order), its slot, and its BLOCK_M rows of that image."""
+    pid_m = tl.program_id(0)
+    tiles_per_image = tl.cdiv(T, BLOCK_M)
+    img = tl.load(order_ptr + pid_m // tiles_per_image)
+    slot = tl.load(slots_ptr + img)
+    offs_t = (pid_m % tiles_per_image) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return slot, img * T + offs_t, offs_t < T
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, e_ptr, h_ptr, slots_ptr, order_ptr,
     T, D,
@@ -39,15 +50,9 @@ def _shrink_kernel(
     R,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    tiles_per_image = tl.cdiv(T, BLOCK_M)
-    img = tl.load(order_ptr + pid_m // tiles_per_image)
-    slot = tl.load(slots_ptr + img)
+    slot, rows, row_ok = _image_tile(order_ptr, slots_ptr, T, BLOCK_M)
     if slot < 0:
         return
-    offs_t = (pid_m % tiles_per_image) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_t < T
-    rows = img * T + offs_t
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     r_ok = offs_r < R
@@ -88,17 +93,11 @@ def _expand_kernel(
     R,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     j = tl.program_id(2)  # 0 = Q, 1 = V
-    tiles_per_image = tl.cdiv(T, BLOCK_M)
-    img = tl.load(order_ptr + pid_m // tiles_per_image)
-    slot = tl.load(slots_ptr + img)
+    slot, rows, row_ok = _image_tile(order_ptr, slots_ptr, T, BLOCK_M)
     if slot < 0:
         return
-    offs_t = (pid_m % tiles_per_image) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_t < T
-    rows = img * T + offs_t
     offs_d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     d_ok = offs_d < D
     offs_r = tl.arange(0, R_PAD)

@@ -27,7 +27,7 @@ from .base import BaseModel
 from .config import EngineConfig
 from .counters import Counters
 from .errors import AdapterFormatError, AdapterNumericError, BadInputError, ConflictError, MedlegoError
-from .kernel_choice import KernelChoice, batch_bucket, measurement_case
+from .kernel_choice import KernelChoice, batch_bucket, batch_buckets, measurement_case
 from .lora import PackedSource, pack_adapter
 from .model import AdaptedViT
 from .pool import AdapterPool, HostAdapter
@@ -126,9 +126,10 @@ class Engine:
 
         if self.device.type != "cuda":
             raise BadInputError("[engine] cuda_graphs needs a CUDA device")
-        if self.kernels.mode == "torch" or (self.kernels.forced is not None and impl_name(self.kernels.forced) == "torch"):
-            raise BadInputError("[engine] cuda_graphs needs a Triton kernel (--kernel auto, fused or split)")
-        self.kernels.candidates = tuple(c for c in self.kernels.candidates if c != "torch")
+        try:
+            self.kernels.capturable_only()
+        except ValueError as e:
+            raise BadInputError(str(e)) from None
         return TrunkGraphs(self.model, (self.pool.lora_a, self.pool.lora_e, self.pool.lora_b),
                            capacity=self.config.max_pass_images, input_size=self.base.input_size, device=self.device,
                            dtype=self.dtype, pool_rank=self.config.max_rank)
@@ -340,12 +341,8 @@ class Engine:
     def warmup(self) -> None:
         """The kernel choice for every batch bucket (measured or read from the cache), and one forward
         of the base and of the adapter path, so that the first request pays no setup."""
-        b = 1
-        while True:
-            self.qkv_for(self.bucket(b))
-            if self.bucket(b) >= self.config.max_pass_images:
-                break
-            b *= 2
+        for bucket in batch_buckets(self.config.max_pass_images):
+            self.qkv_for(bucket)
         s = self.base.input_size
         x = torch.zeros(2, 3, s, s, device=self.device, dtype=self.dtype)
         with torch.inference_mode(), self._forward:

@@ -40,6 +40,11 @@ def batch_bucket(n: int, cap: int) -> int:
     return min(b, max(cap, n))
 
 
+def batch_buckets(cap: int) -> list[int]:
+    """Every bucket a batch of 1 … cap images can fall into."""
+    return sorted({1 << k for k in range(cap.bit_length()) if 1 << k < cap} | {cap})
+
+
 def cuda_timer(fn: Callable[[], object]) -> float:
     """Median of CUDA-event timings with L2 flushed between calls (triton.testing.do_bench)."""
     import triton.testing
@@ -79,6 +84,7 @@ class KernelChoice:
             device_name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
         self.device_name = device_name
         self._chosen: dict[int, dict] = {}  # bucket -> {"kernel", "ms", "source"}
+        self._fn: dict[int, Callable] = {}  # bucket -> the chosen implementation (the per-batch lookup)
         self._lock = threading.Lock()
         self.forced = self._load(mode) if mode != "auto" else None
 
@@ -112,15 +118,25 @@ class KernelChoice:
         (x, weight, bias, lora_a, lora_e, lora_b, plan), called only the first time a bucket is seen."""
         if not self.measures:
             return self.default()
+        fn = self._fn.get(bucket)
+        if fn is not None:
+            return fn
         with self._lock:
-            got = self._chosen.get(bucket)
-            if got is None:
-                got = self._cached(self.key(dim, tokens, bucket))
+            if bucket not in self._fn:
+                key = self.key(dim, tokens, bucket)
+                got = self._cached(key)
                 if got is None:
                     got = self._measure(case())
-                    self._store(self.key(dim, tokens, bucket), got)
+                    self._store(key, got)
                 self._chosen[bucket] = got
-            return self._load(got["kernel"])
+                self._fn[bucket] = self._load(got["kernel"])
+            return self._fn[bucket]
+
+    def capturable_only(self) -> None:
+        """Leave out the paths a CUDA graph cannot capture (the reference's ``nonzero``); a forced one is refused."""
+        if self.forced is not None and impl_name(self.forced) == "torch":
+            raise ValueError("[engine] cuda_graphs needs a Triton kernel (--kernel auto, fused or split)")
+        self.candidates = tuple(c for c in self.candidates if c != "torch")
 
     def _measure(self, args: tuple) -> dict:
         assert self.timer is not None

@@ -11,7 +11,7 @@ from medlego.kernels.plan import BatchPlan, PlanBuffers
 from medlego.runtime.config import EngineConfig
 from medlego.runtime.engine import Engine
 from medlego.runtime.errors import BadInputError
-from medlego.runtime.kernel_choice import KernelChoice, batch_bucket, measurement_case
+from medlego.runtime.kernel_choice import KernelChoice, batch_bucket, batch_buckets, measurement_case
 from medlego.runtime.registry import Registry
 
 CPU = torch.device("cpu")
@@ -54,6 +54,8 @@ def _case(bucket=4, tokens=9, d=32):
 def test_buckets_are_powers_of_two_capped():
     assert [batch_bucket(n, 64) for n in (1, 2, 3, 5, 8, 9, 33, 64)] == [1, 2, 4, 8, 8, 16, 64, 64]
     assert batch_bucket(40, 48) == 48 and batch_bucket(3, 3) == 3
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64] and batch_buckets(24) == [1, 2, 4, 8, 16, 24]
+    assert batch_buckets(1) == [1] and {batch_bucket(n, 24) for n in range(1, 25)} == set(batch_buckets(24))
 
 
 @pytest.mark.parametrize("fastest", ["fused", "split", "torch"])
