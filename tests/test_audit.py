@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from medlego.jobs.synthetic import encode_png, random_adapter, random_image
-from medlego.runtime import audit
+from medlego.runtime.registry import audit
 from medlego.runtime.base import load_base
 from medlego.runtime.config import AuditConfig, AuthConfig, BatchingConfig, EngineConfig
 from medlego.runtime.engine import Engine
@@ -247,9 +247,9 @@ def test_token_new_prints_a_token_and_its_entry(tmp_path):
 _WRITER = """
 import sys
 from pathlib import Path
-from medlego.runtime.audit import AuditLog
+from medlego.runtime.registry.audit import AuditLog
 from medlego.runtime.config import AuditConfig
-from medlego.runtime.registry_db import open_index
+from medlego.runtime.registry.index import open_index
 
 log = AuditLog(open_index(None, Path(sys.argv[1])), AuditConfig(max_buffer=64, batch_rows=16, flush_interval_s=0.05))
 n = 0
@@ -265,7 +265,7 @@ def test_kill_9_loses_at_most_the_buffer_and_the_chain_verifies(tmp_path):
     import signal
     import time
 
-    from medlego.runtime.registry_db import open_index
+    from medlego.runtime.registry.index import open_index
 
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     index = None
@@ -295,7 +295,7 @@ def test_postgresql_one_chain_for_two_writers_tamper_and_prune(postgres_url, tmp
     import psycopg
 
     from medlego.runtime.config import AuditConfig
-    from medlego.runtime.registry_db import open_index
+    from medlego.runtime.registry.index import open_index
 
     logs = [audit.AuditLog(open_index(postgres_url, tmp_path), AuditConfig(batch_rows=8, flush_interval_s=0.01))
             for _ in range(2)]  # two replicas of a fleet, one database

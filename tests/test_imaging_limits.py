@@ -32,7 +32,7 @@ from pydicom.pixels.processing import convert_color_space
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, RLELossless, generate_uid)
 
-from medlego.runtime import image_bands
+from medlego.runtime.imaging import bands as image_bands
 from medlego.runtime.adapter import Preprocess
 from medlego.runtime.config import MAX_IMAGE_PIXELS, Limits
 from medlego.runtime.errors import BadImageError, OverloadedError

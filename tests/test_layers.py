@@ -14,58 +14,65 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# layer -> the layers it may import (besides itself); cli and benchmarks may import anything
-ALLOWED = {
-    "kernels": set(),
-    "runtime": {"kernels"},
-    "serving": {"runtime", "kernels"},
-    "jobs": {"runtime", "kernels"},
-    "cli": {"runtime", "kernels", "serving", "jobs", "benchmarks"},
-    "benchmarks": {"runtime", "kernels", "serving", "jobs"},
-}
-FOLDERS = {"kernels": "kernels", "runtime": "runtime", "serving": "serving", "jobs": "jobs",
-           "benchmarks": "benchmarks", "cli": "medlego/cli"}
-
-
-def _imported_layers(path: Path, layer: str) -> list[tuple[int, str]]:
-    """(line, layer) of every medlego layer a module imports, absolute or relative, at any depth."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                names = [f"medlego.{layer}"]
-            elif node.level >= 2:  # from .. import x: the package above the layer
-                names = [f"medlego.{node.module or ''}"]
-            elif node.module:
-                names = [node.module]
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "medlego" and len(parts) > 1 and parts[1] in FOLDERS:
-                found.append((node.lineno, parts[1]))
-    return found
+def _lint_imports(cwd: Path, config: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
+    if not Path(exe).exists():
+        pytest.fail("import-linter is not installed: pip install -e '.[dev]'")
+    return subprocess.run([exe, str(config), "--no-cache"], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_imports_flow_one_way():
-    violations = []
-    for layer, folder in FOLDERS.items():
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            if "_pb2" in path.name:
-                continue
-            for line, target in _imported_layers(path, layer):
-                if target != layer and target not in ALLOWED[layer]:
-                    violations.append(f"{path.relative_to(ROOT)}:{line}: {layer} imports {target}")
-    assert not violations, "imports against the direction serving → runtime → kernels, jobs → runtime:\n" + \
-        "\n".join(violations)
+    """import-linter's contracts in pyproject.toml: serving -> runtime -> kernels, jobs -> runtime."""
+    proc = _lint_imports(ROOT, ROOT / "pyproject.toml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Contracts: 2 kept, 0 broken" in proc.stdout, proc.stdout
 
 
-def test_the_layer_check_sees_a_violation(tmp_path):
-    """The walker itself: a runtime module importing serving (absolute or relative) is caught."""
-    bad = tmp_path / "bad.py"
-    bad.write_text("from medlego.serving.app import create_app\nfrom ..serving import service\nimport os\n")
-    assert _imported_layers(bad, "runtime") == [(1, "serving"), (2, "serving")]
+@pytest.mark.parametrize("module, line", [
+    ("runtime/pool.py", "from medlego.serving import service"),  # absolute, upward
+    ("runtime/imaging/bands.py", "from ...serving import limits"),  # relative, from a subpackage
+    ("kernels/plan.py", "import medlego.runtime.errors"),  # kernels import nothing of ours
+    ("serving/limits.py", "from medlego.jobs import synthetic"),  # siblings stay apart
+])
+def test_a_deliberate_upward_import_breaks_a_contract(tmp_path, module, line):
+    """The same contracts on a copy of the package with one import against the flow: lint-imports fails."""
+    shutil.copytree(ROOT / "medlego", tmp_path / "medlego", ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / "medlego" / module
+    target.write_text(target.read_text() + f"\n{line}  # deliberate\n")
+    shutil.copyfile(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    proc = _lint_imports(tmp_path, tmp_path / "pyproject.toml")
+    assert proc.returncode != 0, proc.stdout
+    assert "BROKEN" in proc.stdout and "deliberate" not in proc.stderr, proc.stdout + proc.stderr
+
+
+def test_only_medlego_is_importable_from_the_repository_root():
+    """No top-level folder but medlego/ is a package (nothing can shadow an installed distribution), and
+    nothing in the checkout is a symlink."""
+    packages = sorted(d.name for d in ROOT.iterdir() if d.is_dir() and (d / "__init__.py").exists())
+    assert packages == ["medlego"], packages
+    tracked = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True).stdout
+    links = [line.split("\t", 1)[1] for line in tracked.splitlines() if line.startswith("120000")]
+    assert not links, f"symlinks in the repository: {links}"
+
+
+def test_installed_distributions_import_from_the_repository_root():
+    """`python -c` from the repository root puts the root first on sys.path (as `python -m pytest` does):
+    peft and transformers import, PyPI's `kernels` (where installed) is not ours, and the old top-level
+    names of our layers do not import at all."""
+    probe = (
+        "import importlib.util\n"
+        "import peft, transformers\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "assert spec is None or 'site-packages' in (spec.origin or ''), spec\n"
+        "for name in ('runtime', 'serving', 'jobs'):\n"
+        "    assert importlib.util.find_spec(name) is None, name\n"
+        # a plain folder (benchmarks/ holds scripts and results) is at most a namespace, which never shadows
+        "spec = importlib.util.find_spec('benchmarks')\n"
+        "assert spec is None or spec.origin is None, spec\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
 
 
 def test_every_medlego_import_resolves_statically():
@@ -107,10 +114,9 @@ def test_every_error_class_has_one_answer_on_every_transport():
     assert errors.answer_of(RuntimeError("bug")) == (500, "INTERNAL", "error")
     # every MedlegoError is defined in runtime/errors.py and nowhere else
     stray = []
-    for folder in ("runtime", "kernels", "serving", "jobs", "benchmarks", "medlego/cli"):
-        for path in (ROOT / folder).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.ClassDef) and path.name != "errors.py" and any(
-                        getattr(b, "id", getattr(b, "attr", "")).endswith("Error") for b in node.bases):
-                    stray.append(f"{path.relative_to(ROOT)}: {node.name}")
+    for path in (ROOT / "medlego").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and path.name != "errors.py" and any(
+                    getattr(b, "id", getattr(b, "attr", "")).endswith("Error") for b in node.bases):
+                stray.append(f"{path.relative_to(ROOT)}: {node.name}")
     assert not stray, stray

@@ -20,7 +20,7 @@ from medlego.runtime.base import load_base  # noqa: E402
 from medlego.runtime.config import EngineConfig  # noqa: E402
 from medlego.runtime.engine import Engine  # noqa: E402
 from medlego.runtime.imaging import decode_image, preprocess  # noqa: E402
-from medlego.runtime import audit  # noqa: E402
+from medlego.runtime.registry import audit  # noqa: E402
 from medlego.runtime.registry import Registry  # noqa: E402
 from medlego.jobs.synthetic import random_adapter  # noqa: E402
 from medlego.serving import medlego_pb2 as pb  # noqa: E402
@@ -175,7 +175,7 @@ def test_serve_deploy_config_is_valid_and_builds(tiny_base_file, tmp_path):
     from medlego.runtime.errors import BadInputError
     from medlego.serving.ray_app import app_builder
 
-    path = Path(__file__).resolve().parents[1] / "serving" / "ray_config.yaml"
+    path = Path(__file__).resolve().parents[1] / "medlego" / "serving" / "ray_config.yaml"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     app_cfg = schema.applications[0]
     assert app_cfg.import_path == "medlego.serving.ray_app:app_builder"

@@ -4,7 +4,7 @@ import pytest
 
 from medlego.runtime.errors import AdapterNotFoundError, BadInputError, MedlegoError
 from medlego.runtime.registry import parse_ref
-from medlego.runtime.registry_names import MAX_VERSION
+from medlego.runtime.registry.names import MAX_VERSION
 
 MALFORMED_REFS = [
     "evil\n", "blood\n@1", "blood@1\n", "blood@99999999999999999999", f"blood@{MAX_VERSION + 1}", "blood@0",

@@ -34,7 +34,7 @@ def _index(args):
 
     from medlego.runtime.config import default_data_dir
     from medlego.runtime.errors import BadInputError
-    from medlego.runtime.registry_db import open_index
+    from medlego.runtime.registry.index import open_index
 
     data_dir = Path(default_data_dir(args.data_dir))
     if args.registry in (None, "", "sqlite") and not (data_dir / "registry.db").is_file():
@@ -43,7 +43,7 @@ def _index(args):
 
 
 def _verify(args) -> int:
-    from medlego.runtime.audit import verify
+    from medlego.runtime.registry.audit import verify
 
     result = verify(_index(args))
     if result.ok:
@@ -55,7 +55,7 @@ def _verify(args) -> int:
 
 
 def _export(args) -> int:
-    from medlego.runtime.audit import ensure_schema, query
+    from medlego.runtime.registry.audit import ensure_schema, query
 
     index = _index(args)
     ensure_schema(index)
@@ -73,7 +73,7 @@ def _export(args) -> int:
 
 
 def _prune(args) -> int:
-    from medlego.runtime.audit import prune
+    from medlego.runtime.registry.audit import prune
 
     marker = prune(_index(args), args.before, caller="cli")
     if not marker.get("removed"):

@@ -1,0 +1,77 @@
+"""The default store: ``<data_dir>/store/<sha256>.safetensors``, each file written by temp + rename.
+
+A temp file is named ``.<pid>@<host>-<sha prefix>.….tmp``, so that a writer's death can be seen:
+opening the store removes the temp files of dead processes of this host, and ``gc`` also removes
+any temp file older than its grace period (a writer on another host sharing the folder).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+from ..adapter import atomic_write
+from .store import Store, verified
+
+_OBJECT = re.compile(r"[0-9a-f]{64}\.safetensors\Z")
+_TEMP = re.compile(r"\.(\d+)@(.+)-[0-9a-f]{16}\..*\.tmp\Z")
+
+
+class FolderStore(Store):
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self._host = socket.gethostname()
+        self.remove_stale_uploads(None)
+
+    def _path(self, sha: str) -> Path:
+        return self.root / f"{sha}.safetensors"
+
+    def exists(self, sha: str) -> bool:
+        return self._path(sha).is_file()
+
+    def put(self, sha: str, data: bytes) -> None:
+        atomic_write(self._path(sha), data, tmp_prefix=f".{os.getpid()}@{self._host}-{sha[:16]}.")
+
+    def get(self, sha: str) -> bytes | None:
+        try:
+            return verified(sha, self._path(sha).read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def delete(self, sha: str) -> None:
+        self._path(sha).unlink(missing_ok=True)
+
+    def list(self) -> list[str]:
+        return sorted(p.name[:64] for p in self.root.iterdir() if _OBJECT.match(p.name))
+
+    def local_path(self, sha: str) -> Path | None:
+        path = self._path(sha)
+        return path if self.get(sha) is not None else None
+
+    def remove_stale_uploads(self, older_than_s: float | None) -> int:
+        """Temp files of dead writers on this host, and (when older_than_s is given) any older than that."""
+        removed, now = 0, time.time()
+        for p in self.root.glob(".*.tmp"):
+            m = _TEMP.match(p.name)
+            dead_here = m is not None and m[2] == self._host and int(m[1]) != os.getpid() and not _alive(int(m[1]))
+            try:
+                if dead_here or (older_than_s is not None and now - p.stat().st_mtime > older_than_s):
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer renamed it, or another cleaner was first
+                pass
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
