@@ -4,6 +4,7 @@ seeded random adapters. Everything is built here; nothing is downloaded."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ import torch
 # when a kernel is decorated, so it is set before any test imports a kernel module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The installed `medlego` command and tools (lint-imports, basedpyright) sit beside this interpreter: put them
+# first on PATH, so that the suite runs the same from an activated venv, an unactivated one or the base Python.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 pytest_plugins = ["backends"]  # real PostgreSQL and S3 servers for the registry tests (tests/backends.py)
 

@@ -11,6 +11,7 @@ from medlego.runtime.config import EngineConfig
 from medlego.runtime.engine import Engine
 from medlego.runtime.errors import AdapterNotFoundError, OverloadedError
 from medlego.runtime.registry import Registry
+from waiting import wait_until
 
 
 @pytest.fixture
@@ -58,8 +59,7 @@ def test_full_queue_refuses(engine):
     try:
         x = torch.randn(3, 32, 32)
         futs = [batcher.submit_future(x, "a0")]
-        while batcher.queue_depth:  # the worker has taken the first one
-            pass
+        wait_until(lambda: batcher.queue_depth == 0, what="the worker taking the first request")
         futs += [batcher.submit_future(x, "a0"), batcher.submit_future(x, "a1")]
         with pytest.raises(OverloadedError, match="overloaded"):
             batcher.submit_future(x, "a2")
@@ -110,8 +110,7 @@ def test_the_wait_for_company_counts_from_when_the_engine_became_free(engine):
     try:
         x = torch.randn(3, 32, 32)
         first = batcher.submit_future(x, "a0")
-        while len(sizes) < 1:  # the first batch is running (held by the gate)
-            threading.Event().wait(0.01)
+        wait_until(lambda: len(sizes) >= 1, what="the first batch running (held by the gate)")
         queued_during = batcher.submit_future(x, "a1")
         threading.Event().wait(0.8)  # longer than max_wait since it was queued
         gate.set()

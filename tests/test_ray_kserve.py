@@ -55,7 +55,7 @@ def test_v2_rest_and_grpc_through_the_ingress(ray_server, tiny_base):
             inp = module.InferInput("image", [1], "BYTES")
             inp.set_data_from_numpy(np.array([image], dtype=np.object_))
             r = client.infer("blood", [inp])
-            np.testing.assert_allclose(r.as_numpy("probabilities")[0], expected, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(r.as_numpy("probabilities")[0], expected, rtol=1e-5, atol=1e-5)  # float32: different batch compositions round differently
             with pytest.raises(InferenceServerException) as e:
                 client.infer("nope", [inp])
             assert e.value.status() in ("404", "StatusCode.NOT_FOUND")

@@ -24,6 +24,7 @@ from medlego.runtime.imaging import decode_image, preprocess
 from medlego.runtime.registry import Registry
 from medlego.serving.auth import Auth
 from medlego.serving.server import EmbeddedServer
+from waiting import wait_until
 
 ADMIN = "admin-secret-token"
 TWO_TASKS = [TaskSpec("blood", tuple(f"b{i}" for i in range(8))),
@@ -149,7 +150,7 @@ def test_register_while_requests_flow(server, client, tiny_base):
     for w in workers:
         w.start()
     try:
-        time.sleep(0.3)
+        wait_until(lambda: len(statuses) >= 3, what="traffic flowing before the registration")
         new = random_adapter(tiny_base.spec, tiny_base.preprocess, rank=5, seed=77)
         r = client.post("/v1/adapters", headers=admin_headers(), files={"file": ("new.safetensors", new.to_bytes())},
                         data={"name": "hot", "alias": "hot-latest"})
@@ -159,7 +160,8 @@ def test_register_while_requests_flow(server, client, tiny_base):
             d = client.post("/v1/diagnose", files={"file": ("a.png", img)}, data={"adapter": ref})
             assert d.status_code == 200, d.text
             assert d.json()["adapter"] == "hot" and d.json()["sha256"] == r.json()["sha256"]
-        time.sleep(0.3)
+        seen = len(statuses)
+        wait_until(lambda: len(statuses) >= seen + 3, what="traffic still flowing after the registration")
     finally:
         stop.set()
         for w in workers:
@@ -337,9 +339,7 @@ def test_overloaded_answers_503_with_retry_after(tiny_base_file, data_dir):
 
         with cf.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(send, i) for i in range(8)]
-            deadline = time.time() + 20
-            while sum(f.done() for f in futures) < 5 and time.time() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: sum(f.done() for f in futures) >= 5, timeout=20, what="five answers")
             gate.set()
             rs = [f.result() for f in futures]
         codes = sorted(r.status_code for r in rs)

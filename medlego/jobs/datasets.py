@@ -10,7 +10,7 @@ Sources (nothing is downloaded):
   optional ``split`` column (else split by seed); paths are relative to the CSV; PNG, JPEG and
   DICOM (pydicom: rescale slope/intercept, window, MONOCHROME1 inverted) by content.
 
-Images are stored resized (bilinear, no crop — runtime/imaging.py's definition) in [0, 1];
+Images are stored resized (bilinear, no crop — runtime/imaging/'s definition) in [0, 1];
 normalisation by mean/std is applied per batch so the same tensors serve any adapter's stats.
 """
 
