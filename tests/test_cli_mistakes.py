@@ -224,3 +224,38 @@ def test_medlego_debug_shows_the_traceback(capfd, files, monkeypatch):
     monkeypatch.setenv("MEDLEGO_DEBUG", "1")
     with pytest.raises(BaseModelError, match="weights file not found"):
         main(["base", "fingerprint", *BASE, "--weights", "nowhere.safetensors"])
+
+
+# -- registry flags before or after the action (issue 25) ------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ("audit", "verify", "--data-dir", "{d}"), ("audit", "--data-dir", "{d}", "verify"),
+    ("audit", "export", "--data-dir", "{d}"), ("registry", "list", "--data-dir", "{d}"),
+    ("registry", "--data-dir", "{d}", "list"), ("registry", "show", "x", "--data-dir", "{d}", "--registry", "sqlite")])
+def test_registry_flags_work_on_both_sides_of_the_action(capfd, tmp_path, argv):
+    from medlego.runtime.registry import Registry
+
+    Registry(tmp_path)  # an empty registry: the database exists
+    rc, out, err = run(capfd, *[a.format(d=tmp_path) for a in argv])
+    assert "unrecognized arguments" not in err, err
+    if argv[1:3] == ("show", "x"):
+        one_line(rc, err, "registry", "x")  # found the registry, not the name
+    else:
+        assert rc == 0, err
+
+
+def test_audit_mistakes_print_one_line(capfd, tmp_path):
+    from medlego.runtime.registry import Registry
+
+    Registry(tmp_path)
+    one_line(*run(capfd, "audit", "verify", "--data-dir", str(tmp_path / "none"))[::2], "audit", "no registry database")
+    one_line(*run(capfd, "audit", "verify", "--data-dir", str(tmp_path), "--public-key", str(tmp_path / "nope.pub"))[::2],
+             "audit", "nope.pub")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a key\n")
+    one_line(*run(capfd, "audit", "verify", "--data-dir", str(tmp_path), "--public-key", str(notes))[::2],
+             "audit", "not a PEM public key")
+    rc, out, err = run(capfd, "audit", "keygen", "-o", str(tmp_path / "k"))
+    assert rc == 0 and oct((tmp_path / "k").stat().st_mode & 0o777) == "0o600" and (tmp_path / "k.pub").is_file()
+    one_line(*run(capfd, "audit", "keygen", "-o", str(tmp_path / "k"))[::2], "audit", "already exists")
+    one_line(*run(capfd, "audit", "prune", "--data-dir", str(tmp_path), "--before", "2020-01-01", "--signing-key",
+                  str(tmp_path / "k.pub"))[::2], "audit", "not a PEM private key")

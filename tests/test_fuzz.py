@@ -117,3 +117,111 @@ def test_dicom_header_fields_never_5xx(client, overrides):
     except Exception:
         return  # not even writable: nothing to send
     _no_server_error(client.post("/v1/diagnose", files={"file": ("x.dcm", buf.getvalue())}, data={"adapter": "f0"}))
+
+
+# -- admin JSON bodies and partial bodies (issue 24: these routes read their body after the token check) ----
+ADMIN_HEADERS = {"Authorization": "Bearer fuzz-admin"}
+merge_fields = st.fixed_dictionaries({}, optional={k: json_value for k in (
+    "name", "sources", "method", "params", "aliases", "task_names", "move_alias", "target")})
+
+
+@EXAMPLES
+@given(body=st.one_of(merge_fields, json_value), route=st.sampled_from(["merge", "alias"]))
+def test_admin_json_bodies_never_5xx(client, body, route):
+    if route == "merge":
+        r = client.post("/v1/merge", headers=ADMIN_HEADERS, json=body)
+    else:
+        r = client.put("/v1/aliases/fuzzed", headers=ADMIN_HEADERS, json=body)
+    _no_server_error(r)
+    if r.status_code < 400 and route == "alias":
+        client.delete("/v1/aliases/fuzzed", headers=ADMIN_HEADERS)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(path=st.sampled_from(["/v1/merge", "/v1/diagnose", "/v2/models/f0/infer", "/v1/aliases/a"]),
+       cut=st.integers(min_value=0, max_value=60), extra=st.integers(min_value=0, max_value=10 ** 6),
+       token=st.booleans())
+def test_partial_bodies_never_hurt_the_server(client, path, cut, extra, token):
+    """A body shorter than its Content-Length, cut at any point, and the connection closed: the server
+    answers what it can (never 5xx) or nothing, and keeps serving others at once."""
+    import socket
+
+    body = json.dumps({"name": "m", "sources": ["f0", "f1"], "target": "f0@1", "image": PNG_B64[:40],
+                       "adapter": "f0", "inputs": []}).encode()[:cut]
+    host, port = client.base_url.host, client.base_url.port
+    method = "PUT" if path.startswith("/v1/aliases") else "POST"
+    auth = b"Authorization: Bearer fuzz-admin\r\n" if token else b""
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {cut + extra}\r\n".encode() + auth + b"\r\n" + body)
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        try:
+            head = s.recv(64)
+        except OSError:
+            head = b""
+    assert not head.startswith(b"HTTP/1.1 5"), head
+    assert client.get("/healthz", timeout=2).status_code == 200
+
+
+# DICOM of every transfer syntax the server decodes (issue 24): native, deflated, RLE, JPEG Baseline,
+# JPEG 2000, written here by pydicom and Pillow; then the header's geometry changed and bytes flipped
+_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.5",
+             "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90"]
+
+
+def _encoded_dicom(syntax: str, rows: int, cols: int, rgb: bool) -> object:
+    import hostile_dicom as hostile
+    from pydicom.uid import UID
+
+    samples = 3 if rgb else 1
+    pixels = hostile.ramp(rows, cols, samples)
+    photometric = "MONOCHROME2" if not rgb else ("YBR_FULL_422" if syntax.endswith(".4.50") else "RGB")
+    ds = hostile.dicom(rows, cols, syntax=UID(syntax), samples=samples, photometric=photometric)
+    if syntax.endswith(".4.50"):
+        ds.PixelData = hostile.encapsulate([hostile.jpeg_bytes(pixels)])
+    elif syntax.endswith(".4.90"):
+        ds.PixelData = hostile.encapsulate([hostile.j2k_bytes(pixels)])
+    elif syntax.endswith(".1.2.5"):
+        ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
+        ds.PixelData = pixels.tobytes()
+        ds.compress(UID(syntax), encoding_plugin="pydicom")
+    else:
+        ds.PixelData = pixels.tobytes()
+        return ds
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    return ds
+
+
+@EXAMPLES
+@given(syntax=st.sampled_from(_SYNTAXES), rows=st.integers(1, 40), cols=st.integers(1, 40), rgb=st.booleans(),
+       overrides=st.dictionaries(st.sampled_from(["Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel",
+                                                  "NumberOfFrames", "PlanarConfiguration"]),
+                                 st.integers(min_value=-1, max_value=70000), max_size=2),
+       flips=st.lists(st.tuples(st.floats(min_value=0, max_value=1), st.integers(0, 255)), max_size=4))
+def test_dicom_transfer_syntaxes_never_5xx(client, syntax, rows, cols, rgb, overrides, flips):
+    ds = _encoded_dicom(syntax, rows, cols, rgb)
+    for key, value in overrides.items():
+        setattr(ds, key, value)
+    buf = io.BytesIO()
+    try:
+        ds.save_as(buf, enforce_file_format=True)
+    except Exception:
+        return  # not writable (an override pydicom refuses): nothing to send
+    data = bytearray(buf.getvalue())
+    for where, byte in flips:  # anywhere after the preamble and 'DICM'
+        data[132 + int(where * (len(data) - 133))] = byte
+    r = client.post("/v1/diagnose", files={"file": ("x.dcm", bytes(data))}, data={"adapter": "f0"})
+    _no_server_error(r)
+    if not overrides and not flips:  # untouched: every one of these syntaxes is decoded
+        assert r.status_code == 200, (syntax, rows, cols, rgb, r.text)
+
+
+@pytest.mark.parametrize("syntax", _SYNTAXES)
+@pytest.mark.parametrize("rgb", [False, True])
+def test_every_fuzzed_transfer_syntax_is_diagnosed_when_untouched(client, syntax, rgb):
+    buf = io.BytesIO()
+    _encoded_dicom(syntax, 37, 29, rgb).save_as(buf, enforce_file_format=True)
+    r = client.post("/v1/diagnose", files={"file": ("x.dcm", buf.getvalue())}, data={"adapter": "f0"})
+    assert r.status_code == 200, (syntax, rgb, r.text)

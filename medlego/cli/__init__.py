@@ -14,7 +14,7 @@ from medlego.runtime.errors import MedlegoError
 
 # Order is the order of `medlego --help`.
 COMMAND_MODULES = ("base", "inspect", "convert", "predict", "train", "eval", "merge", "registry",
-                   "audit", "token", "serve", "client", "samples", "bench", "export", "demo")
+                   "audit", "token", "serve", "client", "samples", "bench", "export", "demo", "dev-fleet")
 DEBUG_ENV = "MEDLEGO_DEBUG"  # set to 1: expected errors show their traceback too
 
 # File-system mistakes (a wrong path, a file without read permission) are a user's, not a bug:
@@ -57,10 +57,11 @@ def build_parser(only: str | None = None) -> Parser:
     parser.add_argument("--version", action="version", version=f"medlego {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in (only,) if only in COMMAND_MODULES else COMMAND_MODULES:
+        module_name = f"medlego.cli.{name.replace('-', '_')}"  # `medlego dev-fleet` lives in dev_fleet.py
         try:
-            module = importlib.import_module(f"medlego.cli.{name}")
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name == f"medlego.cli.{name}":  # a subcommand not built yet in this checkout
+            if e.name == module_name:  # a subcommand not built yet in this checkout
                 continue
             raise
         module.register(sub)
@@ -70,12 +71,36 @@ def build_parser(only: str | None = None) -> Parser:
 
 def _remember_parsers(parser: argparse.ArgumentParser) -> None:
     """Each (sub)command's parser as the default `_parser` of what it parses; argparse applies the
-    innermost subparser's defaults last, so `args._parser` is the one that was chosen."""
+    innermost subparser's defaults last, so `args._parser` is the one that was chosen. A command's own
+    flags are also accepted after its action (`medlego audit verify --data-dir DIR` as well as
+    `medlego audit --data-dir DIR verify`)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
                 child.set_defaults(_parser=child)
+                _share_flags(parser, child)
                 _remember_parsers(child)
+
+
+def _share_flags(parent: argparse.ArgumentParser, child: argparse.ArgumentParser) -> None:
+    """Copy the parent's optional flags onto the child parser with a SUPPRESS default: given after the
+    action they override, absent they leave what was given before the action (or the parent's default)."""
+    taken = {s for a in child._actions for s in a.option_strings}
+    for group in parent._action_groups:
+        flags = [a for a in group._group_actions if a.option_strings and not isinstance(a, (
+            argparse._HelpAction, argparse._VersionAction)) and not taken & set(a.option_strings)]
+        if not flags:
+            continue
+        target = child.add_argument_group(group.title) if group.title not in ("options", "optional arguments") else child
+        for a in flags:
+            kwargs = {"dest": a.dest, "help": a.help, "default": argparse.SUPPRESS}
+            if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                kwargs["action"] = "store_true" if isinstance(a, argparse._StoreTrueAction) else "store_false"
+            else:
+                kwargs.update(metavar=a.metavar, type=a.type, choices=a.choices, nargs=a.nargs)
+                if isinstance(a, argparse._AppendAction):
+                    kwargs["action"] = "append"
+            target.add_argument(*a.option_strings, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,10 @@ A settings file (``--config FILE`` or ``$MEDLEGO_CONFIG``) has one table per sec
     admin_token_file = "/run/secrets/medlego_admin"   # or admin_token = "..."
     api_token_file = "/run/secrets/medlego_api"       # optional: diagnosis needs a token too
     tokens_file = "/etc/medlego/tokens.toml"          # named callers: [[token]] name, role, sha256
-    [audit]                    # the audit trail in the registry's database (runtime/audit.py)
+    [audit]                    # the audit trail in the registry's database (runtime/registry/audit.py)
     probabilities = true       # false: only the top label and probability
-    max_buffer = 4096          # rows in memory at most: what a kill -9 can lose
+    max_buffer = 4096          # rows in memory at most: what a kill -9 can lose (full: 503)
+    signing_key = "/etc/medlego/audit.key"   # signed checkpoints in the store (medlego audit keygen)
     [engine]
     device = "cuda"
     [batching]
@@ -78,6 +79,8 @@ class ServerConfig:
     header_timeout_s: float = 10.0  # a connection must finish its request headers within this
     keep_alive_s: float = 30.0  # an idle keep-alive connection is closed after this
     max_connections: int = 1000  # open HTTP connections; beyond, new ones are closed at once
+    body_grace_s: float = 5.0  # after this long in a request body, it must average min_body_rate
+    min_body_rate: float = 1024.0  # bytes/s a request body must keep after body_grace_s (else cut off)
 
 
 @dataclass
@@ -102,13 +105,17 @@ class AuthConfig:
 
 @dataclass
 class AuditConfig:
-    """The audit trail (runtime/audit.py), in the registry's database."""
+    """The audit trail (runtime/registry/audit.py), in the registry's database."""
 
     enabled: bool = True
     probabilities: bool = True  # store every class probability (False: only the top label)
     max_buffer: int = 4096  # rows held in memory at most: the most a kill -9 can lose
     batch_rows: int = 256  # write as soon as this many rows wait
     flush_interval_s: float = 0.2  # …and at least this often
+    aggregate_interval_s: float = 10.0  # identical refusals within this: the first row, then one row counting the rest
+    signing_key: str | None = None  # Ed25519 private key (medlego audit keygen): signed checkpoints in the store
+    checkpoint_rows: int = 10000  # a signed checkpoint at least every this many rows…
+    checkpoint_interval_s: float = 10.0  # …or this often while rows are written (and at close)
 
 
 @dataclass
@@ -122,7 +129,10 @@ class EngineConfig:
     slots: int = 64  # device-tier capacity, in adapters
     unpinned_slots: int | None = None  # slots pins may never take (None: a quarter of the slots, at least 1)
     host_capacity: int = 1024  # host-tier capacity, in adapters
+    load_workers: int = 2  # threads loading cold adapters from the store (never the decode workers)
+    load_timeout_s: float = 10.0  # a request waits this long for a cold adapter's load, then gets 503
     max_rank: int = 16  # the largest adapter rank the pool serves
+    over_rank: str = "refuse"  # an adapter above max_rank: "refuse" it, or "truncate": serve its top max_rank singular directions
     max_pass_images: int = 64  # one trunk pass holds at most this many images; larger infer() calls are split
     top_k: int = 5
 
@@ -160,6 +170,7 @@ class Limits:
     max_adapter_bytes: int = 64 * 1024 * 1024  # one adapter upload
     max_batch_images: int = 64  # images in one batch request
     max_top_k: int = 1000
+    max_json_elements: int = 2_000_000  # values in one JSON body (parsed in a thread; beyond: 413)
 
 
 @dataclass

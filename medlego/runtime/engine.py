@@ -13,8 +13,11 @@ offers as operations: :meth:`pin`, :meth:`unpin`, :meth:`forget`, and :meth:`che
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +29,8 @@ from .adapter import Adapter, Preprocess, TaskSpec, check_compatible
 from .base import BaseModel
 from .config import EngineConfig
 from .counters import Counters
-from .errors import AdapterFormatError, AdapterNumericError, BadInputError, ConflictError, MedlegoError
+from .errors import (AdapterFormatError, AdapterNumericError, BadInputError, ConflictError, MedlegoError,
+                     OverloadedError, StorageUnavailableError)
 from .kernel_choice import KernelChoice, batch_bucket, batch_buckets, measurement_case
 from .lora import PackedSource, pack_adapter
 from .model import AdaptedViT
@@ -34,6 +38,16 @@ from .pool import AdapterPool, HostAdapter
 from .registry import Entry, Registry
 
 PROBE_IMAGES = 4  # images of the registration probe (seeded noise in the normalised input space)
+MAX_PENDING_LOADS = 256  # distinct adapters waiting for the loader pool at once; beyond, 503 at once
+
+
+class AdapterCold(Exception):
+    """Raised by ``resolve(ref, load=False)`` for an adapter not in host memory: the caller loads it
+    with :meth:`Engine.load_async` (off its own worker) and resolves again. Never reaches a client."""
+
+    def __init__(self, entry: Entry):
+        super().__init__(entry.ref)
+        self.entry = entry
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,10 @@ class Engine:
             self.graphs = self._trunk_graphs()
         # the adapted model has one active adapter source at a time: forwards are serialised
         self._forward = threading.Lock()
+        # cold adapters are read from the store here, one load per sha256 however many requests want it
+        self._loader = ThreadPoolExecutor(max(1, self.config.load_workers), thread_name_prefix="medlego-load")
+        self._loads: dict[str, Future] = {}
+        self._loads_lock = threading.Lock()
         self.ready = False
 
     def _trunk_graphs(self):
@@ -150,11 +168,60 @@ class Engine:
             qkv.weight, qkv.bias, self.pool.slots, self.pool.max_rank, bucket, tokens))
 
     # -- adapters -----------------------------------------------------------------------------
-    def resolve(self, ref: str) -> ResolvedAdapter:
-        """Name / name@version / alias → identity and pin flag (fresh from the registry), host copy loaded."""
+    def resolve(self, ref: str, *, load: bool = True, held: HostAdapter | None = None) -> ResolvedAdapter:
+        """Name / name@version / alias → identity and pin flag (fresh from the registry), host copy loaded.
+
+        A cold adapter is loaded by the loader pool (:meth:`load`); this thread waits for it at most
+        ``load_timeout_s``, or, with ``load=False``, does not wait at all and raises :class:`AdapterCold`.
+        ``held``: a host copy the caller already has (from :meth:`load_async`), used if it is the one resolved."""
         entry: Entry = self.registry.resolve(ref)
-        host = self.pool.host(entry.sha256, lambda: self.registry.read_bytes(entry))
+        host = held if held is not None and held.sha256 == entry.sha256 else self.pool.held(entry.sha256)
+        if host is None:
+            if not load:
+                raise AdapterCold(entry)
+            future = self.load(entry)
+            try:
+                host = future.result(timeout=self.config.load_timeout_s)
+            except FutureTimeout:
+                raise self._load_timeout(entry) from None
         return ResolvedAdapter(entry.name, entry.version, entry.sha256, entry.pinned, host)
+
+    def load(self, entry: Entry) -> Future:
+        """The loader pool's future of the entry's host copy; concurrent loads of one sha256 share one future.
+
+        Raises :class:`OverloadedError` when ``MAX_PENDING_LOADS`` distinct adapters are already waiting."""
+        sha = entry.sha256
+        with self._loads_lock:
+            future = self._loads.get(sha)
+            if future is None:
+                if len(self._loads) >= MAX_PENDING_LOADS:
+                    raise OverloadedError(f"{len(self._loads)} adapters are being loaded from the store; retry later")
+                future = self._loader.submit(self.pool.host, sha, lambda: self.registry.read_bytes(entry))
+                self._loads[sha] = future
+                new = True
+            else:
+                new = False
+        if new:  # outside the lock: a callback on a future already done runs at once, in this thread
+            future.add_done_callback(lambda f: self._load_done(sha, f))
+        return future
+
+    def _load_done(self, sha: str, future: Future) -> None:
+        with self._loads_lock:
+            if self._loads.get(sha) is future:
+                del self._loads[sha]
+
+    def _load_timeout(self, entry: Entry) -> StorageUnavailableError:
+        return StorageUnavailableError(f"adapter {entry.ref} is not in memory and could not be loaded from the "
+                                       f"registry's store within {self.config.load_timeout_s:g} s; retry later")
+
+    async def load_async(self, entry: Entry) -> HostAdapter:
+        """:meth:`load`, awaited on the event loop for at most ``load_timeout_s``; a waiter that gives up
+        (timeout, client gone) leaves the load running for the others."""
+        future = asyncio.wrap_future(self.load(entry))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.config.load_timeout_s)
+        except asyncio.TimeoutError:
+            raise self._load_timeout(entry) from None
 
     def check_adapter(self, adapter: Adapter) -> None:
         """Everything a registration must pass to be servable here: base, rank, input size, numerics."""

@@ -92,6 +92,14 @@ class PayloadTooLargeError(MedlegoError):
 
 
 # -- 422: well-formed, but not a usable adapter --------------------------------------------------------
+class ImageTooCostlyError(BadImageError):
+    """An image whose decoding would cost more than any honest image of its size: a header of too
+    many elements and items, or a decode past its deadline whose thread computed for over a fifth of
+    it (imaging/bands.py). The input is the cause, so a retry would not help (never 503)."""
+
+    answer = (422, "INVALID_ARGUMENT", "bad_request")
+
+
 class AdapterFormatError(MedlegoError, ValueError):
     """An adapter file is not a valid medlego SVD-LoRA adapter (format, tensors, shapes, values)."""
 
@@ -120,6 +128,13 @@ class OverloadedError(MedlegoError):
 
 class StorageUnavailableError(OverloadedError):
     """The registry's database or object store cannot be reached right now."""
+
+
+# -- 507: no space left --------------------------------------------------------------------------------
+class StorageFullError(MedlegoError):
+    """The registry's disk (its folder store or its index database) is full or over quota: nothing was written."""
+
+    answer = (507, "RESOURCE_EXHAUSTED", "storage_full")
 
 
 INTERNAL = (500, "INTERNAL", "error")  # the answer to anything that is not a MedlegoError

@@ -9,9 +9,9 @@ FLOPs, so one uniform R keeps one plan and one launch per layer. A swap into a s
 
 Host tier: the parsed adapter plus its packed factors in (pinned, on CUDA) CPU memory, LRU
 bounded. Disk tier: the registry's content-addressed files. Loading from disk happens in the
-caller's thread (the servers resolve from a worker pool before a request is queued), so a cold
-adapter never stalls a batch of resident ones; the batch only does the host → device copy (on a
-side stream on CUDA).
+caller's thread — the engine's own bounded loader pool (``Engine.load``), never the servers'
+decode workers — before a request is queued, so a cold adapter never stalls a batch of resident
+ones; the batch only does the host → device copy (on a side stream on CUDA).
 
 Everything here is keyed by sha256, so content can never be served under a stale name. The pool
 owns residency only: which adapters are pinned is the registry's fact, and the pool follows it —
@@ -45,6 +45,7 @@ class HostAdapter:
     e: torch.Tensor  # [L, 2, r]
     b: torch.Tensor  # [L, 2, D, r]
     heads: dict  # task -> (weight [C, D], bias [C]) on the engine's device and dtype
+    truncation: dict | None = None  # served at the pool's rank, its top singular directions (adapter.truncate_rank)
 
     @property
     def rank(self) -> int:
@@ -58,8 +59,11 @@ class HostAdapter:
 class AdapterPool:
     def __init__(self, base: BaseSpec, *, slots: int = 64, max_rank: int = 16,
                  host_capacity: int = 1024, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 counters: Counters | None = None):
+                 counters: Counters | None = None, over_rank: str = "refuse"):
+        """``over_rank``: an adapter above ``max_rank`` is refused ("refuse") or served at ``max_rank``
+        with its top singular directions ("truncate")."""
         self.base = base
+        self.over_rank = over_rank
         self.depth, self.dim, self.slots, self.max_rank = base.depth, base.embed_dim, slots, max_rank
         self.device, self.dtype = torch.device(device), dtype
         self.host_capacity = host_capacity
@@ -100,6 +104,15 @@ class AdapterPool:
             return self.slots - len(self._pinned - keep)
 
     # -- host tier ----------------------------------------------------------------------------
+    def held(self, sha256: str) -> HostAdapter | None:
+        """The host copy if this pool holds it (a hit, counted), else None; never reads the store."""
+        with self._lock:
+            h = self._host.get(sha256)
+            if h is not None:
+                self._host.move_to_end(sha256)
+                self.counters.inc("pool_hits", tier="host")
+            return h
+
     def host(self, sha256: str, read: Callable[[], bytes]) -> HostAdapter:
         """The host copy of an adapter, loaded with ``read()`` (its verified file bytes) if absent (thread-safe)."""
         while True:
@@ -137,14 +150,18 @@ class AdapterPool:
             self.counters.inc("pool_evictions", tier="host")
 
     def _load(self, sha256: str, data: bytes) -> HostAdapter:
-        adapter = parse_adapter(data, expected_base=self.base, max_rank=self.max_rank)
+        truncate = self.over_rank == "truncate"
+        adapter = parse_adapter(data, expected_base=self.base, max_rank=None if truncate else self.max_rank)
+        truncation = None
+        if truncate:
+            adapter, truncation = truncate_rank(adapter, self.max_rank)
         # packed at its own rank: a smaller host copy, and no zero-fill up to the pool's rank
         a, e, b = pack_adapter(adapter, None, self.dtype, "cpu")
         if self._stream is not None:
             a, e, b = a.pin_memory(), e.pin_memory(), b.pin_memory()
         heads = {name: (h.weight.to(self.device, self.dtype), h.bias.to(self.device, self.dtype))
                  for name, h in adapter.heads.items()}
-        return HostAdapter(sha256, adapter, a, e, b, heads)
+        return HostAdapter(sha256, adapter, a, e, b, heads, truncation)
 
     # -- residency policy ------------------------------------------------------------------------
     def set_pinned(self, sha256: str, pinned: bool) -> None:

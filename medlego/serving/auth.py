@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlego.runtime.registry.audit import CURRENT
 from medlego.runtime.config import ADMIN_TOKEN_ENV, AuthConfig, read_toml
 from medlego.runtime.errors import BadInputError, ForbiddenError, UnauthenticatedError
+
+log = logging.getLogger("medlego.auth")
 
 
 def bearer(value: str | None) -> str | None:
@@ -36,11 +41,42 @@ def bearer(value: str | None) -> str | None:
 
 
 ROLES = ("admin", "diagnose", "read")
-# what each role may do; "api" is the MEDLEGO_API_TOKEN identity (diagnosis and registry reads, as
-# before named callers), "open" the anonymous caller when no diagnosis token is configured at all
-ALLOWED = {"admin": {"admin", "diagnose", "read", "audit"}, "diagnose": {"diagnose"},
-           "read": {"read", "audit"}, "api": {"diagnose", "read"}, "open": {"diagnose", "read"}}
-_WHAT = {"admin": "the admin API", "diagnose": "diagnosis", "read": "registry reads", "audit": "the audit log"}
+# The one role table. Each route and RPC needs one action (ROUTES); each role may do these actions.
+# "api" is the MEDLEGO_API_TOKEN identity, "open" the anonymous caller when no diagnosis token is
+# configured at all. "describe" (one model's metadata: what a client needs to use it) is allowed to
+# the diagnose role and the read role alike, on /v1, /v2 and gRPC.
+ALLOWED = {"admin": {"admin", "diagnose", "describe", "read", "audit"}, "diagnose": {"diagnose", "describe"},
+           "read": {"describe", "read", "audit"}, "api": {"diagnose", "describe", "read"},
+           "open": {"diagnose", "describe", "read"}}
+_WHAT = {"admin": "the admin API", "diagnose": "diagnosis", "describe": "model metadata", "read": "registry reads",
+         "audit": "the audit log"}
+# action per route ("METHOD /path" of REST /v1 and /v2, "rpc Service/Method" of gRPC); None: open to all.
+# /metrics is "read" unless [auth] metrics_public. tests/test_slow_bodies.py walks every route against it.
+ROUTES: dict[str, str | None] = {
+    "POST /v1/diagnose": "diagnose", "POST /v1/diagnose/batch": "diagnose",
+    "GET /v1/adapters": "read", "GET /v1/aliases": "read", "GET /v1/info": "read", "GET /metrics": "read",
+    "GET /v1/adapters/{ref}": "describe",
+    "GET /v1/audit": "audit",
+    "POST /v1/adapters": "admin", "DELETE /v1/adapters/{ref}": "admin", "POST /v1/adapters/{ref}/pin": "admin",
+    "POST /v1/adapters/{ref}/unpin": "admin", "PUT /v1/aliases/{alias}": "admin",
+    "DELETE /v1/aliases/{alias}": "admin", "POST /v1/merge": "admin",
+    "GET /healthz": None, "GET /readyz": None, "GET /v2": None, "GET /v2/": None,
+    "GET /v2/health/live": None, "GET /v2/health/ready": None,
+    "GET /v2/models/{model}": "describe", "GET /v2/models/{model}/versions/{version}": "describe",
+    "GET /v2/models/{model}/ready": "describe", "GET /v2/models/{model}/versions/{version}/ready": "describe",
+    "POST /v2/models/{model}/infer": "diagnose", "POST /v2/models/{model}/versions/{version}/infer": "diagnose",
+    "rpc medlego.v1.Medlego/Diagnose": "diagnose", "rpc medlego.v1.Medlego/DiagnoseBatch": "diagnose",
+    "rpc medlego.v1.Medlego/ListAdapters": "read", "rpc medlego.v1.Medlego/ListAliases": "read",
+    "rpc medlego.v1.Medlego/Info": "read", "rpc medlego.v1.Medlego/DescribeAdapter": "describe",
+    "rpc medlego.v1.Medlego/QueryAudit": "audit", "rpc medlego.v1.Medlego/Health": None,
+    **{f"rpc medlego.v1.Medlego/{m}": "admin" for m in ("RegisterAdapter", "DeleteAdapter", "PinAdapter",
+                                                       "UnpinAdapter", "SetAlias", "RemoveAlias", "MergeAdapters")},
+    "rpc inference.GRPCInferenceService/ModelMetadata": "describe",
+    "rpc inference.GRPCInferenceService/ModelReady": "describe",
+    "rpc inference.GRPCInferenceService/ModelInfer": "diagnose",
+    "rpc inference.GRPCInferenceService/ServerLive": None, "rpc inference.GRPCInferenceService/ServerReady": None,
+    "rpc inference.GRPCInferenceService/ServerMetadata": None,
+}
 
 
 def digest(token: str) -> bytes:
@@ -81,19 +117,86 @@ def load_tokens_file(path: str) -> tuple[Caller, ...]:
     return tuple(callers)
 
 
+class TokensFile:
+    """The named callers of ``[auth] tokens_file``, re-read when the file changes (its mtime, size or
+    inode; looked at most once per ``every_s``): a removed entry is revoked within seconds, no
+    restart. A file that does not parse keeps the callers it had (an editor half-way through a
+    save), and says so in the log; a file that is gone revokes every named caller. Each change
+    calls ``on_change(added, removed, changed)`` (the service records it as an audit row)."""
+
+    def __init__(self, path: str, every_s: float = 1.0):
+        self.path = Path(path).expanduser()
+        self.every_s = every_s
+        self.on_change = None  # set by the service
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+        self._stamp = self._stat()
+        self.callers = load_tokens_file(str(self.path))  # at start-up a bad file is a one-line error
+
+    def _stat(self):
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def current(self) -> tuple[Caller, ...]:
+        now = time.monotonic()
+        if now - self._checked < self.every_s or not self._lock.acquire(blocking=False):
+            return self.callers
+        try:
+            self._checked = now
+            stamp = self._stat()
+            if stamp != self._stamp:
+                self._reload(stamp)
+        finally:
+            self._lock.release()
+        return self.callers
+
+    def _reload(self, stamp) -> None:
+        old = self.callers
+        if stamp is None:
+            new: tuple[Caller, ...] = ()
+        else:
+            try:
+                new = load_tokens_file(str(self.path))
+            except (BadInputError, OSError) as e:
+                log.error("tokens file %s not reloaded (the previous callers stay): %s", self.path, e)
+                return  # stamp kept: the next look tries again
+        self._stamp = stamp
+        self.callers = new
+        before, after = {c.name: c for c in old}, {c.name: c for c in new}
+        added = sorted(set(after) - set(before))
+        removed = sorted(set(before) - set(after))
+        changed = sorted(n for n in set(before) & set(after) if before[n] != after[n])
+        log.warning("tokens file %s reloaded: added %s, removed %s, changed %s", self.path, added or "none",
+                    removed or "none", changed or "none")
+        if self.on_change is not None and (added or removed or changed):
+            try:
+                self.on_change(added, removed, changed)
+            except Exception:
+                log.exception("could not record the tokens file change")
+
+
 @dataclass(frozen=True)
 class Auth:
     admin_token: str | None = None  # None: the admin API is closed (unless a named admin exists)
     api_token: str | None = None  # None and no named callers: diagnosis is open
     metrics_public: bool = False
-    callers: tuple[Caller, ...] = ()  # named callers from the tokens file
+    callers: tuple[Caller, ...] = ()  # named callers from the tokens file (at start-up)
+    tokens_file: TokensFile | None = field(default=None, compare=False, hash=False, repr=False)  # re-read on change
     # set by the service: refused(caller_name, action, reason) records a refusal in the audit log
     hooks: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @staticmethod
     def from_config(cfg: AuthConfig) -> "Auth":
-        callers = load_tokens_file(cfg.tokens_file) if getattr(cfg, "tokens_file", None) else ()
-        return Auth(cfg.admin_token or None, cfg.api_token or None, cfg.metrics_public, callers)
+        tokens = TokensFile(cfg.tokens_file) if getattr(cfg, "tokens_file", None) else None
+        return Auth(cfg.admin_token or None, cfg.api_token or None, cfg.metrics_public,
+                    tokens.callers if tokens is not None else (), tokens)
+
+    def _callers(self) -> tuple[Caller, ...]:
+        """The named callers now: the tokens file's latest content when there is one."""
+        return self.tokens_file.current() if self.tokens_file is not None else self.callers
 
     def identify(self, token: str) -> Caller | None:
         """The caller a token belongs to: sha256 digests compared in constant time, every entry tried."""
@@ -110,7 +213,7 @@ class Auth:
             out.append(Caller("admin", "admin", digest(self.admin_token)))
         if self.api_token:
             out.append(Caller("api", "api", digest(self.api_token)))
-        return (*out, *self.callers)
+        return (*out, *self._callers())
 
     def _refuse(self, caller: str, action: str, error: Exception) -> Exception:
         hook = self.hooks.get("refused")
@@ -119,31 +222,40 @@ class Auth:
         return error
 
     def check(self, authorization: str | None, action: str) -> str:
-        """The caller's name when it may do `action` (admin | diagnose | read | audit); else 401/403."""
-        open_diagnosis = not self.api_token and not self.callers
-        if action == "admin" and not self.admin_token and not any(c.role == "admin" for c in self.callers):
+        """The caller's name when it may do `action` (admin | diagnose | describe | read | audit); else 401/403."""
+        callers = self._callers()
+        open_diagnosis = not self.api_token and not callers
+        if action == "admin" and not self.admin_token and not any(c.role == "admin" for c in callers):
             raise self._refuse("", action, ForbiddenError(
                 f"the admin API is closed: no admin token is configured (set {ADMIN_TOKEN_ENV})"))
         token = bearer(authorization)
         if token is None:
-            if action in ("diagnose", "read") and open_diagnosis:
+            if action in ALLOWED["open"] and open_diagnosis:
                 return _set_caller("anonymous")
             needs = {"admin": "the admin API needs 'Authorization: Bearer <admin token>'",
                      "diagnose": "this server needs 'Authorization: Bearer <API token>' for diagnosis",
                      "read": "this server needs 'Authorization: Bearer <API token>' for registry reads",
+                     "describe": "this server needs 'Authorization: Bearer <API token>' for model metadata",
                      "audit": "the audit log needs 'Authorization: Bearer <admin or read token>'"}
             raise self._refuse("", action, UnauthenticatedError(needs[action]))
         caller = self.identify(token)
         if caller is None:
-            if action in ("diagnose", "read") and open_diagnosis:
+            if action in ALLOWED["open"] and open_diagnosis:
                 return _set_caller("anonymous")
             wrong = {"admin": "wrong admin token", "diagnose": "wrong API token", "read": "wrong API token",
-                     "audit": "unknown token"}
+                     "describe": "wrong API token", "audit": "unknown token"}
             raise self._refuse("", action, ForbiddenError(wrong[action]))
         if action not in ALLOWED[caller.role]:
             raise self._refuse(caller.name, action, ForbiddenError(
                 f"caller '{caller.name}' (role {caller.role}) may not use {_WHAT[action]}"))
         return _set_caller(caller.name)
+
+    def check_route(self, authorization: str | None, route: str) -> str | None:
+        """The check of one route of :data:`ROUTES` (``"GET /v1/adapters/{ref}"``); None for an open route."""
+        action = ROUTES[route]
+        if action is None or (route == "GET /metrics" and self.metrics_public):
+            return None
+        return self.check(authorization, action)
 
     def check_admin(self, authorization: str | None) -> str:
         return self.check(authorization, "admin")

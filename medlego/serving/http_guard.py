@@ -8,9 +8,16 @@ never finished their headers exhausted the descriptors, normal requests timed ou
 * a connection must finish each request's headers within ``header_timeout_s`` of connecting (or
   of its first byte after a keep-alive pause), and a request body that stops arriving for that
   long is cut off too, else one slow client holds a connection for ever;
-* at most ``max_connections`` are open; one more takes the place of the oldest connection that
-  is waiting for request headers (so a slow client cannot hold a place a new client needs), or,
-  when every open connection is busy with a request, is closed at once;
+* a request body must also keep an average of ``min_body_rate`` bytes per second once
+  ``body_grace_s`` have passed since its headers (time while the app is not reading does not
+  count): a body trickling one byte every few seconds, which restarts the stall deadline above
+  with every byte, is cut off after the grace period (issue 24: 1,000 such bodies held every
+  connection slot for 40 s);
+* at most ``max_connections`` are open; one more takes the place of (in this order) the oldest
+  connection that never completed a request and waits for headers, the slowest request body
+  below ``min_body_rate``, the oldest idle keep-alive connection, the slowest other body (so slow
+  clients cannot hold places new clients need), or, when every open connection is busy with a
+  request it has sent in full, is closed at once;
 * the event loop logs the same error at most once per ``LOG_EVERY_S``, with a count of the rest;
 * every accepted socket gets ``TCP_NODELAY`` (so does the listening one, by being created with
   ``IPPROTO_TCP``: asyncio only sets it for TCP-protocol sockets), so a keep-alive response is
@@ -58,13 +65,20 @@ def connection_cap(wanted: int) -> int:
     return cap
 
 
-def guarded_protocol(header_timeout_s: float, max_connections: int, counters: Counters) -> type[H11Protocol]:
-    """An H11Protocol class enforcing the header deadline and the connection cap."""
+def guarded_protocol(header_timeout_s: float, max_connections: int, counters: Counters, *,
+                     body_grace_s: float = 5.0, min_body_rate: float = 1024.0) -> type[H11Protocol]:
+    """An H11Protocol class enforcing the header deadline, the body rate and the connection cap."""
+    check_every_s = max(0.05, min(1.0, body_grace_s))
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _body_timer: asyncio.TimerHandle | None = None
 
         _connected_at = 0.0
+        _body_started: float | None = None  # when the current request's body began (its clock; paused time skipped)
+        _body_bytes = 0
+        _body_checked = 0.0
+        _served = False  # a response was completed on this connection (a proven client)
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             if len(self.server_state.connections) >= max_connections and not self._make_room():
@@ -82,30 +96,91 @@ def guarded_protocol(header_timeout_s: float, max_connections: int, counters: Co
             if self.conn.their_state is h11.IDLE:  # bytes of a new request: its headers have a deadline
                 self._arm_header_deadline()
             super().data_received(data)
-            if self.conn.their_state is h11.SEND_BODY:  # a body must keep arriving: the deadline restarts
+            if self.conn.their_state is h11.SEND_BODY:  # a body must keep arriving: the stall deadline restarts
                 self._cancel_header_deadline()
                 self._arm_header_deadline()
-            elif self.conn.their_state is not h11.IDLE:
-                self._cancel_header_deadline()
+                if self._body_started is None:
+                    self._start_body_clock()
+                else:
+                    self._body_bytes += len(data)
+            else:
+                if self.conn.their_state is not h11.IDLE:
+                    self._cancel_header_deadline()
+                self._stop_body_clock()
 
         def connection_lost(self, exc) -> None:
             self._cancel_header_deadline()
+            self._stop_body_clock()
             if self.transport is not None:  # None: refused by the cap before uvicorn saw it
                 super().connection_lost(exc)
 
+        def on_response_complete(self) -> None:
+            self._served = True
+            super().on_response_complete()
+
+        # -- the body's rate --------------------------------------------------------------------
+        def _start_body_clock(self) -> None:
+            self._body_started = self._body_checked = time.monotonic()
+            self._body_bytes = 0
+            self._body_timer = self.loop.call_later(check_every_s, self._check_body_rate)
+
+        def _stop_body_clock(self) -> None:
+            self._body_started = None
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+        def body_rate(self, now: float) -> float:
+            """Bytes per second of the body so far (over at least one second); inf when not in a body."""
+            if self._body_started is None:
+                return float("inf")
+            return self._body_bytes / max(1.0, now - self._body_started)
+
+        def _check_body_rate(self) -> None:
+            self._body_timer = None
+            if self._body_started is None or self.transport is None or self.transport.is_closing():
+                return
+            now = time.monotonic()
+            if self.flow.read_paused:  # the app is behind, not the client: that time does not count
+                self._body_started += now - self._body_checked
+            elif self.conn.their_state is h11.SEND_BODY and now - self._body_started >= body_grace_s \
+                    and self._body_bytes < min_body_rate * (now - self._body_started):
+                counters.inc("connections_refused", reason="body_slow")
+                self._stop_body_clock()
+                self.transport.abort()
+                return
+            self._body_checked = now
+            self._body_timer = self.loop.call_later(check_every_s, self._check_body_rate)
+
+        # -- the cap -----------------------------------------------------------------------------
         def _make_room(self) -> bool:
-            """Close the oldest connection that is between requests (waiting for headers); False if none is."""
-            idle = [p for p in self.server_state.connections
-                    if isinstance(p, GuardedH11Protocol) and p.conn.their_state is h11.IDLE
-                    and (p.cycle is None or p.cycle.response_complete)]
-            if not idle:
+            """Close one connection that is not busy with a request it has sent in full, in this order:
+            the oldest that never completed a request and waits for headers (slowloris), the slowest
+            body below ``min_body_rate``, the oldest idle keep-alive connection of a client already
+            served, the slowest other body. False if every connection is busy."""
+            now, best, best_key = time.monotonic(), None, None
+            for p in self.server_state.connections:
+                if not isinstance(p, GuardedH11Protocol) or p.transport is None or p.transport.is_closing():
+                    continue
+                if p.conn.their_state is h11.IDLE and (p.cycle is None or p.cycle.response_complete):
+                    key = (2 if p._served else 0, p._connected_at, 0.0)
+                elif p.conn.their_state is h11.SEND_BODY and p._body_started is not None:
+                    rate = p.body_rate(now)
+                    key = (1 if rate < min_body_rate else 3, rate, p._body_started)
+                else:
+                    continue
+                if best_key is None or key < best_key:
+                    best, best_key = p, key
+            if best is None or best_key is None:
                 return False
-            oldest = min(idle, key=lambda p: p._connected_at)
-            counters.inc("connections_refused", reason="evicted_idle")
-            oldest.transport.abort()
-            self.server_state.connections.discard(oldest)  # its connection_lost comes on the next loop turn
+            victim, reason = best, "evicted_body" if best_key[0] in (1, 3) else "evicted_idle"
+            counters.inc("connections_refused", reason=reason)
+            victim._stop_body_clock()
+            victim.transport.abort()
+            self.server_state.connections.discard(victim)  # its connection_lost comes on the next loop turn
             return True
 
+        # -- the stall deadline (headers, and a body that stops) -----------------------------------
         def _arm_header_deadline(self) -> None:
             if self._header_timer is None:
                 self._header_timer = self.loop.call_later(header_timeout_s, self._header_deadline_passed)
@@ -125,6 +200,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int, counters: Co
                 self.transport.abort()
             elif state is h11.SEND_BODY and not self.flow.read_paused:  # paused: the app is behind, not the client
                 counters.inc("connections_refused", reason="body_timeout")
+                self._stop_body_clock()
                 self.transport.abort()
 
     return GuardedH11Protocol

@@ -94,7 +94,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         async def run(authorization):
-            self.api.auth.check_api(authorization)
+            self.api.auth.check_route(authorization, "rpc inference.GRPCInferenceService/ModelReady")
             try:
                 return pb.ModelReadyResponse(ready=await kserve.model_ready(self.api, request.name, request.version))
             except MedlegoError as e:
@@ -105,7 +105,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async def run(authorization):
-            self.api.auth.check_api(authorization)
+            self.api.auth.check_route(authorization, "rpc inference.GRPCInferenceService/ModelMetadata")
             m = await kserve.model_metadata(self.api, request.name, request.version)
             tensor = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
@@ -117,7 +117,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         async def run(authorization):
-            self.api.auth.check_api(authorization)
+            self.api.auth.check_route(authorization, "rpc inference.GRPCInferenceService/ModelInfer")
             raws = list(request.raw_input_contents)
             if raws and len(raws) != len(request.inputs):
                 raise BadInputError(f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs; give one per input")

@@ -10,8 +10,11 @@ in ``parameters.binary_data_size``). Answers use the binary form when the reques
 (an output's ``parameters.binary_data``, or the request's ``parameters.binary_data_output``),
 as Triton does. Errors are the protocol's ``{"error": "…"}`` with the status of the error's class
 (``runtime/errors.py``: 400 bad input, 404 unknown model, 413, 503 …). The body is bounded by the
-app's :class:`~.app.BodyLimitMiddleware` (``max_body_bytes``) before it is read; the token is the
-diagnosis API's (``Authorization: Bearer``); health is open, like ``/healthz``.
+app's :class:`~.app.BodyLimitMiddleware` (``max_body_bytes``) before it is read; the token
+(``Authorization: Bearer``) is checked before the body is read, by the one role table of ``/v1`` and
+gRPC (``auth.ROUTES``: model metadata and readiness "describe", infer "diagnose"); health is open,
+like ``/healthz``. The body is parsed and its tensors built in a worker thread, within
+``max_json_elements``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError, answer_of
+from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError, PayloadTooLargeError, answer_of
 
 from . import kserve
 from . import limits as checks
@@ -63,8 +67,9 @@ def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
     async def _http(request: Request, e: StarletteHTTPException):
         return JSONResponse({"error": f"{e.detail}: {request.method} {request.url.path}"}, status_code=e.status_code)
 
-    def auth(request: Request) -> None:
-        service.auth.check_api(request.headers.get("authorization"))
+    def auth(request: Request, route: str) -> None:
+        """The check of `route` (the v2 template, e.g. "GET /models/{model}") in the one role table (auth.py ROUTES)."""
+        service.auth.check_route(request.headers.get("authorization"), route.replace(" /", " /v2/", 1))
 
     async def server_metadata():
         return {"name": kserve.SERVER_NAME, "version": kserve.server_version(), "extensions": list(kserve.EXTENSIONS)}
@@ -83,16 +88,20 @@ def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
     async def ready():
         return Response(status_code=200 if await kserve.server_ready(service) else 503)
 
+    def route_of(request: Request, what: str = "") -> str:
+        suffix = "/versions/{version}" if "version" in request.path_params else ""
+        return f"{request.method} /models/{{model}}{suffix}{what}"
+
     async def model_metadata(request: Request, model: str, version: str | None = None):
         try:
-            auth(request)
+            auth(request, route_of(request))
             return await kserve.model_metadata(service, model, version)
         except Exception as e:
             return v2_error(e)
 
     async def model_ready(request: Request, model: str, version: str | None = None):
         try:
-            auth(request)
+            auth(request, route_of(request, "/ready"))
             ok = await kserve.model_ready(service, model, version)
         except Exception as e:
             return v2_error(e)
@@ -100,7 +109,7 @@ def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
 
     async def model_infer(request: Request, model: str, version: str | None = None):
         try:
-            auth(request)
+            auth(request, route_of(request, "/infer"))
             return await _infer(service, request, model, version)
         except Exception as e:
             return v2_error(e)
@@ -113,7 +122,7 @@ def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
 
 
 # -- the infer body ----------------------------------------------------------------------------------
-def _split(raw: bytes, header_length: str | None) -> tuple[dict, bytes]:
+def _split(raw: bytes, header_length: str | None, max_elements: int | None = None) -> tuple[dict, bytes]:
     if header_length is None:
         json_part, binary = raw, b""
     else:
@@ -122,13 +131,13 @@ def _split(raw: bytes, header_length: str | None) -> tuple[dict, bytes]:
                                 f"{len(raw)} bytes, got {header_length!r:.40}")
         n = int(header_length)
         json_part, binary = raw[:n], raw[n:]
-    body = checks.parse_json(json_part)
+    body = checks.parse_json(json_part, max_elements)
     if not isinstance(body, dict):
         raise BadInputError("the inference request must be a JSON object")
     return body, binary
 
 
-def _tensor(spec, binary: bytes, pos: int) -> tuple[kserve.Tensor, int]:
+def _tensor(spec, binary: bytes, pos: int, max_elements: int | None = None) -> tuple[kserve.Tensor, int]:
     if not isinstance(spec, dict):
         raise BadInputError("each of 'inputs' must be an object with name, shape, datatype and data")
     name = checks.check_text(spec.get("name"), "inputs[].name", required=True) or ""
@@ -136,6 +145,9 @@ def _tensor(spec, binary: bytes, pos: int) -> tuple[kserve.Tensor, int]:
     if datatype not in ("BYTES", "FP32"):
         raise BadInputError(f"input '{name}': datatype must be BYTES or FP32, got {datatype!r:.40}")
     shape = kserve.check_shape(name, spec.get("shape"))
+    if max_elements is not None and kserve.elements(shape) > max_elements:
+        raise PayloadTooLargeError(f"input '{name}': shape {list(shape)} has {kserve.elements(shape)} elements; "
+                                   f"the limit is {max_elements}")
     params = spec.get("parameters") or {}
     if not isinstance(params, dict):
         raise BadInputError(f"input '{name}': 'parameters' must be an object")
@@ -200,19 +212,27 @@ def _requested(body: dict) -> tuple[list[str], bool]:
     return names, binary
 
 
-async def _infer(service: DiagnosisAPI, request: Request, model: str, version: str | None) -> Response:
-    raw = await request.body()  # bounded: BodyLimitMiddleware refuses a body above max_body_bytes
-    body, binary = _split(raw, request.headers.get(HEADER_LENGTH))
+def _parse_infer(raw: bytes, header_length: str | None, max_elements: int):
+    """The infer body → (body, tensors, requested outputs, binary answer); runs in a worker thread."""
+    body, binary = _split(raw, header_length, max_elements)
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadInputError("'inputs' must be a non-empty list of tensors")
     tensors, pos = [], 0
     for spec in inputs:
-        t, pos = _tensor(spec, binary, pos)
+        t, pos = _tensor(spec, binary, pos, max_elements)
         tensors.append(t)
     if pos != len(binary):
         raise BadInputError(f"{len(binary) - pos} bytes of binary data after the last binary input")
     requested, binary_out = _requested(body)
+    return body, tensors, requested, binary_out
+
+
+async def _infer(service: DiagnosisAPI, request: Request, model: str, version: str | None) -> Response:
+    raw = await checks.read_body(request)  # bounded: BodyLimitMiddleware refuses a body above max_body_bytes
+    # JSON parsing and tensor building off the event loop, within the element cap
+    body, tensors, requested, binary_out = await run_in_threadpool(
+        _parse_infer, raw, request.headers.get(HEADER_LENGTH), service.limits.max_json_elements)
     result = await kserve.infer(service, model, version, tensors, requested)
     probs = result.probabilities
     out: dict = {"name": kserve.OUTPUT, "datatype": "FP32", "shape": list(probs.shape)}

@@ -12,6 +12,8 @@ import json
 import re
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from medlego.runtime.config import Limits
 from medlego.runtime.errors import BadImageError, BadInputError, PayloadTooLargeError
@@ -92,8 +94,19 @@ def check_adapter_bytes(limits: Limits, data: bytes) -> None:
         raise PayloadTooLargeError(f"adapter upload is {len(data)} bytes, above the limit of {limits.max_adapter_bytes}")
 
 
-def parse_json(raw: bytes):
-    """A JSON request body, refusing NaN/Infinity, integers of more than 18 digits and deep nesting (400)."""
+def parse_json(raw: bytes, max_elements: int | None = None):
+    """A JSON request body, refusing NaN/Infinity, integers of more than 18 digits and deep nesting (400),
+    and (with `max_elements`) a body of more values than that (413), counted before parsing.
+
+    Call it in a worker thread for a body of any size (:func:`parse_json_off_loop`): numbers go
+    through Python hooks, so the parsing thread gives the event loop its turn every few ms (the C
+    parser holds the interpreter lock from start to end otherwise: 0.4 s for 2 M floats)."""
+    if max_elements is not None:
+        values = raw.count(b",") + 1  # an upper bound of the values (a comma inside a string counts too)
+        if values > max_elements:
+            raise PayloadTooLargeError(f"the JSON body holds about {values} values; the limit is {max_elements} "
+                                       f"(send large tensors as binary data)")
+
     def no_constant(name: str):
         raise BadInputError(f"the JSON body contains {name}, which is not a number JSON allows")
 
@@ -103,11 +116,29 @@ def parse_json(raw: bytes):
         return int(text)
 
     try:
-        return json.loads(raw or b"null", parse_constant=no_constant, parse_int=bounded_int)
+        return json.loads(raw or b"null", parse_constant=no_constant, parse_int=bounded_int, parse_float=_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadInputError(f"request body is not valid JSON: {e}") from None
     except RecursionError:  # the C parser recurses per nesting level and stops at the interpreter's limit
         raise BadInputError("the JSON body is nested too deeply") from None
+
+
+def _float(text: str) -> float:
+    return float(text)  # a Python frame per number: the parsing thread lets the event loop run
+
+
+async def read_body(request) -> bytes:
+    """A request's whole body (bounded by the app's BodyLimitMiddleware); a client that goes away before
+    sending all of it is a 400 that names it, not an internal error with a traceback."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise BadInputError("the client closed the connection before its whole request body arrived") from None
+
+
+async def parse_json_off_loop(raw: bytes, limits: Limits):
+    """:func:`parse_json` in a worker thread, within ``limits.max_json_elements``."""
+    return await run_in_threadpool(parse_json, raw, limits.max_json_elements)
 
 
 def _short(value) -> str:
@@ -122,9 +153,17 @@ def decode_base64(text, what: str = "image") -> bytes:
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     text = "".join(text.split())
+    text += "=" * (-len(text) % 4)
     try:
+        if "=" in text[:-2]:
+            raise ValueError("padding inside the data")
         if "-" in text or "_" in text:
-            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+            text = text.replace("-", "+").replace("_", "/")
+        # in pieces: each piece is a Python step, so a thread decoding megabytes lets the event loop run
+        return b"".join(base64.b64decode(text[i:i + _B64_PIECE], validate=True)
+                        for i in range(0, len(text), _B64_PIECE))
     except (binascii.Error, ValueError):
         raise BadInputError(f"'{what}' is not valid base64") from None
+
+
+_B64_PIECE = 1 << 20  # characters (a multiple of 4)

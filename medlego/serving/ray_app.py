@@ -272,7 +272,8 @@ class RayFrontend(RegistryReads):
         # reads only; writes are validated by a replica, which holds the base
         self.registry = Registry(cfg.data_dir, **on_this_node(cfg).registry.registry_kwargs())
         # what is refused here never reaches a replica, so the ingress writes those audit rows itself
-        self.audit = audit_log.AuditLog(self.registry.index, cfg.audit) if cfg.audit.enabled else None
+        self.audit = (audit_log.AuditLog(self.registry.index, cfg.audit, store=self.registry.store)
+                      if cfg.audit.enabled else None)
         if self.audit is not None:
             self.auth.hooks["refused"] = self._refused
         self.counters = Counters()

@@ -4,20 +4,23 @@ Both listen at once; the engine warms up in a worker thread meanwhile, and readi
 (``/readyz`` 200, gRPC health SERVING) flips only when it is done. ``start()`` runs everything on
 a background thread (tests, ``medlego demo``); ``run()`` blocks in the foreground until SIGINT
 or SIGTERM (``medlego serve``). Ports may be 0: the bound ports are in ``.port`` / ``.grpc_port``.
-Connections are guarded as :mod:`.http_guard` describes (header deadline, cap, TCP_NODELAY).
+Connections are guarded as :mod:`.http_guard` describes (header deadline, body rate, cap, TCP_NODELAY).
+A server listening beyond loopback with no diagnosis token logs one warning line at start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import socket
+import sys
 import threading
 
 import uvicorn
 
-from medlego.runtime.config import ServerConfig
+from medlego.runtime.config import API_TOKEN_ENV, ServerConfig
 
 from .app import create_app
 from .grpc_service import build_grpc_server, set_serving
@@ -26,6 +29,7 @@ from .service import DiagnosisService
 
 log = logging.getLogger("medlego.serving")
 _DEFAULTS = ServerConfig()
+GIL_SWITCH_S = 0.001  # process-wide (sys.setswitchinterval), set when a server starts
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -41,6 +45,26 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is reachable from this machine only."""
+    if host.strip().lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def open_on_network(host: str, auth) -> str | None:
+    """The one start-up warning line when the diagnosis API listens beyond loopback with no token (None: fine).
+    `auth`: an :class:`~.auth.Auth` or the ``[auth]`` settings (:class:`AuthConfig`)."""
+    if is_loopback(host) or any(getattr(auth, k, None) for k in ("api_token", "callers", "tokens_file")):
+        return None
+    return (f"listening on {host} with no diagnosis token: anyone who can reach this address may diagnose, "
+            f"list and describe adapters and read /metrics; set {API_TOKEN_ENV} (or [auth] api_token_file, "
+            f"or named callers in [auth] tokens_file) to require a token")
 
 
 class EmbeddedServer:
@@ -77,6 +101,9 @@ class EmbeddedServer:
         """Bind both servers, warm up, serve until stopped."""
         self._loop = asyncio.get_running_loop()
         quiet_exception_handler(self._loop)
+        # a thread parsing a large body (JSON, base64, tensors) hands the interpreter lock back to the
+        # event loop after GIL_SWITCH_S instead of Python's default 5 ms: /healthz stays in tens of ms
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
         sock = bind_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         health = None
@@ -86,7 +113,11 @@ class EmbeddedServer:
             await self._grpc.start()
         g = self.guard
         protocol = guarded_protocol(g.header_timeout_s, connection_cap(g.max_connections),
-                                    self.service.engine.counters)
+                                    self.service.engine.counters, body_grace_s=g.body_grace_s,
+                                    min_body_rate=g.min_body_rate)
+        warning = open_on_network(self.host, self.service.auth)
+        if warning:
+            log.warning(warning)
         config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="off", access_log=False,
                                 timeout_keep_alive=g.keep_alive_s, server_header=False, http=protocol)
         self._uvicorn = uvicorn.Server(config)

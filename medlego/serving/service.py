@@ -26,7 +26,7 @@ from medlego.runtime.registry import audit as audit_log
 from medlego.runtime.adapter_merge import merge_adapters
 from medlego.runtime.batcher import DynamicBatcher
 from medlego.runtime.config import BatchingConfig, Limits, ServeConfig
-from medlego.runtime.engine import Diagnosis, Engine, Request
+from medlego.runtime.engine import AdapterCold, Diagnosis, Engine, Request
 from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError, answer_of
 from medlego.runtime.imaging import preprocess, sniff_format
 from medlego.runtime.registry import Registry, parse_ref
@@ -99,7 +99,7 @@ class RegistryReads:
         return await off_loop(self.registry.aliases)
 
     async def audit_rows(self, **filters) -> list[dict]:
-        """Audit rows matching the filters (runtime/audit.py); the rows still in the buffer are written first."""
+        """Audit rows matching the filters (runtime/registry/audit.py); the rows still in the buffer are written first."""
         if filters.get("kind") not in (None, *audit_log.KINDS):
             raise BadInputError(f"unknown audit kind {filters['kind']!r}; choose from {', '.join(audit_log.KINDS)}")
         if filters.get("image_sha256") and not _is_hex64(filters["image_sha256"]):
@@ -141,6 +141,8 @@ class DiagnosisService(RegistryReads):
         self.audit = audit  # None: nothing is recorded
         if audit is not None:
             self.auth.hooks["refused"] = self._refused
+            if self.auth.tokens_file is not None:  # a revoked or added token is an audit row
+                self.auth.tokens_file.on_change = self._tokens_changed
 
     @classmethod
     def from_config(cls, cfg: ServeConfig, *, base=None, replica: str = "") -> "DiagnosisService":
@@ -156,7 +158,7 @@ class DiagnosisService(RegistryReads):
         if cfg.engine.kernel_cache is None:  # measured kernel choices outlive a restart
             cfg.engine.kernel_cache = str(cfg.data_dir / "kernel_choice.json")
         engine = Engine(base, registry, cfg.engine)
-        audit = audit_log.AuditLog(registry.index, cfg.audit) if cfg.audit.enabled else None
+        audit = audit_log.AuditLog(registry.index, cfg.audit, store=registry.store) if cfg.audit.enabled else None
         return cls(engine, limits=cfg.limits, auth=Auth.from_config(cfg.auth), batching=cfg.batching,
                    replica=replica, audit=audit)
 
@@ -193,16 +195,18 @@ class DiagnosisService(RegistryReads):
             self._inflight -= n
 
     # -- diagnosis ------------------------------------------------------------------------------
-    def prepare(self, item: DiagnoseItem) -> tuple[Request, float]:
+    def prepare(self, item: DiagnoseItem, held=None, load: bool = True) -> tuple[Request, float]:
         """Resolve + decode + preprocess one item (runs in the decode pool; raises its own error).
 
-        Returns the queue-ready request and the seconds spent decoding and preprocessing."""
+        Returns the queue-ready request and the seconds spent decoding and preprocessing. With
+        load=False a cold adapter raises AdapterCold instead of waiting (see :meth:`_prepare`);
+        ``held`` is the host copy that loading returned."""
         ref = checks.check_text(item.adapter, "adapter")
         if ref is None:
             raise BadInputError("'adapter' is required: a registered name, name@version or alias")
         task = checks.check_text(item.task, "task")
         top_k = checks.check_top_k(self.limits, item.top_k)
-        resolved = self.engine.resolve(ref)
+        resolved = self.engine.resolve(ref, load=load, held=held)
         resolved.task(task)  # an unknown task is refused before the image is decoded
         t0 = time.perf_counter()
         size = resolved.preprocess.input_size
@@ -214,6 +218,21 @@ class DiagnosisService(RegistryReads):
         self.engine.counters.observe("stage_seconds", decode_s, stage="decode")
         return self.engine.request(image, resolved, task, top_k), decode_s
 
+    async def _prepare(self, loop, item: DiagnoseItem) -> tuple[Request, float]:
+        """prepare() in the decode pool; a cold adapter is loaded by the engine's loader pool meanwhile,
+        so a slow or hung store never holds a decode worker (and adapters in memory keep being served)."""
+        held = None
+        for _ in range(3):  # the reference may move to another cold adapter between two resolves
+            try:
+                return await loop.run_in_executor(self.executor, self.prepare, item, held, False)
+            except AdapterCold as cold:
+                self._preparing -= 1  # not decoding while it waits: the batcher need not wait for it
+                try:
+                    held = await self.engine.load_async(cold.entry)
+                finally:
+                    self._preparing += 1
+        raise OverloadedError(f"adapter '{item.adapter}' kept changing while it was loaded; retry")
+
     async def diagnose(self, item: DiagnoseItem, api: str = "rest") -> dict:
         return (await self.diagnose_many([item], api))[0]
 
@@ -224,6 +243,7 @@ class DiagnosisService(RegistryReads):
         t0 = time.perf_counter()
         if self.audit is not None:
             try:
+                self.audit.check_room()  # 503 before the work when its row could not be recorded
                 self._admit(len(items))
             except OverloadedError as e:
                 self._audit_items(items, api, [None] * len(items), None, e, t0)
@@ -235,7 +255,7 @@ class DiagnosisService(RegistryReads):
         try:
             self._preparing += len(items)  # on the event loop only; the batcher reads it
             try:
-                prepared = await asyncio.gather(*[loop.run_in_executor(self.executor, self.prepare, it)
+                prepared = await asyncio.gather(*[self._prepare(loop, it)
                                                   for it in items], return_exceptions=True)
             finally:
                 self._preparing -= len(items)  # before they are queued: a batch never waits for what is there
@@ -277,7 +297,7 @@ class DiagnosisService(RegistryReads):
             self._audit_items(items, api, prepared, results, None, t0)
         return answers
 
-    # -- the audit trail (runtime/audit.py) -------------------------------------------------------
+    # -- the audit trail (runtime/registry/audit.py) -------------------------------------------------------
     def _audit_items(self, items, api, prepared, results, error, t0, failed: int | None = None) -> None:
         current = audit_log.CURRENT.get() or {}
         rid = current.get("id") or uuid.uuid4().hex
@@ -303,12 +323,31 @@ class DiagnosisService(RegistryReads):
             else:
                 reason = error if failed is None or failed == n else None
                 row["reason"] = str(reason) if reason is not None else f"image {failed} of the request failed"
-            self.audit.record("diagnosis" if error is None else "refused", **row)
+            self.audit.record("diagnosis" if error is None else "refused", admitted=True, **row)
 
     def _refused(self, caller: str, action: str, reason: str) -> None:
         current = audit_log.CURRENT.get() or {}
-        self.audit.record("refused", request_id=current.get("id") or uuid.uuid4().hex, caller=caller,
-                          api=current.get("api", ""), action=action, reason=reason, outcome="refused")
+        self.audit.refusal(request_id=current.get("id") or uuid.uuid4().hex, caller=caller, api=current.get("api", ""),
+                           action=action, reason=reason, outcome="refused")  # identical ones aggregated
+
+    def _tokens_changed(self, added: list, removed: list, changed: list) -> None:
+        self.audit.record("admin", admitted=True, request_id=uuid.uuid4().hex, caller="", api="tokens_file",
+                          op="tokens", args={"file": str(self.auth.tokens_file.path)},
+                          after={"added": added, "revoked": removed, "changed": changed}, outcome="ok")
+
+    def refused_at(self, status: int, **fields) -> None:
+        """Record a request answered `status` (>= 400) by a stage no recorder saw (body limit, parsing,
+        multipart, v2 tensor checks, routing): once per request, identical ones aggregated
+        (runtime/registry/audit.py). Called by the transports' refusal recorder (serving/app.py)."""
+        current = audit_log.CURRENT.get() or {}
+        if self.audit is None or current.get("audited"):
+            return
+        try:
+            self.audit.refusal(request_id=current.get("id") or uuid.uuid4().hex, caller=current.get("caller", ""),
+                               api=current.get("api", ""), status=status, **fields,
+                               outcome="refused" if status < 500 else "error")
+        except Exception:  # recording must never turn an answer into a 500
+            log.exception("could not record a refusal")
 
     def _count(self, request: Request | None, error: BaseException | None, api: str) -> None:
         # only resolved names become labels: a user's typo must not create a new time series
@@ -326,6 +365,8 @@ class DiagnosisService(RegistryReads):
     async def _admin(self, op: str, fn: Callable[[], T], args: dict | None = None,
                      before: Callable[[], object] | None = None) -> T:
         prior = None
+        if self.audit is not None:
+            self.audit.check_room()  # 503 before the operation when its row could not be recorded
         if self.audit is not None and before is not None:
             try:
                 prior = await off_loop(before)
@@ -348,7 +389,7 @@ class DiagnosisService(RegistryReads):
         adapter = after.get("ref", "") if isinstance(after, dict) else ""
         self.audit.record("admin", request_id=current.get("id") or uuid.uuid4().hex, caller=current.get("caller", ""),
                           api=current.get("api", ""), op=op, args=args or {}, before=before, after=after,
-                          adapter=adapter, outcome=outcome_of(error),
+                          adapter=adapter, outcome=outcome_of(error), admitted=True,
                           **({"reason": str(error)} if error is not None else {}))
 
     def _register(self, name: str, data: bytes, aliases, move_aliases: bool) -> dict:

@@ -17,14 +17,23 @@ Decoding is bounded in memory and time whatever the bytes are:
   by libjpeg at 1/2, 1/4 or 1/8 scale (imaging/pil.py), a DICOM frame is read (or inflated) band by
   band (imaging/dicom.py). The result is :func:`preprocess`'s resize of the full image: identical up to
   float rounding, and within DCT scaling for a large JPEG;
-* DICOM: only the first frame is decoded; a deflated data set is inflated only as far as its header
-  and first frame need, and refused when its header or pixel data is bigger than its geometry
-  allows; rescale, window and LUT values are validated (imaging/dicom_header.py, dicom_values.py);
+* DICOM: the header is walked with its elements counted (dicom_elements) and only the elements
+  the decoder reads are parsed; only the first frame is decoded; a deflated data set is inflated
+  only as far as its header and first frame need, and refused when its header or pixel data is
+  bigger than its geometry allows; rescale, window and LUT values are validated (dicom_header,
+  dicom_values); a compressed frame's own codestream (codestream: JPEG and JPEG-LS SOF, JPEG 2000
+  SIZ) must match the header before any decoder sees it, RLE is decoded here segment by segment,
+  never past its frame (rle), and a transfer syntax whose cost is not bounded so is refused;
+* a JPEG upload of more than codestream.MAX_SCANS scans is refused; Pillow's own bomb limit is
+  the server's default ``MAX_IMAGE_PIXELS`` (pil);
 * ``deadline_s`` is checked between stages and bands (C code is not interrupted, but every stage
   works on a bounded size, so each one is short).
 
-A bad image is a one-line :class:`BadImageError` (400). A decode that runs past its deadline is a
-one-line :class:`OverloadedError` (503, retry): with sizes capped, that mostly means a busy server.
+A bad image is a one-line :class:`BadImageError` (400). An image too costly to decode (a header
+flood, or a decode whose thread computed for most of its deadline) is an
+:class:`ImageTooCostlyError` (422: the input is the cause, a retry would not help). A decode that
+runs past its deadline while mostly waiting is a one-line :class:`OverloadedError` (503, retry):
+a busy server.
 """
 
 from __future__ import annotations

@@ -19,9 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import BadImageError, OverloadedError
+from ..errors import BadImageError, ImageTooCostlyError, OverloadedError
 
 _BAND_BYTES = 4 * 1024 * 1024  # float64 working set of one band of rows
+_COSTLY_CPU_SHARE = 0.2  # a decode past its deadline that computed for this share of it: the image's fault
+_COSTLY_CPU_MIN_S = 0.1  # ... and for at least this long (a deadline of 0 is a busy server's)
 
 
 class Budget:
@@ -30,6 +32,7 @@ class Budget:
     def __init__(self, max_pixels: int, max_side: int | None, deadline_s: float | None):
         self.max_pixels, self.max_side, self.deadline_s = max_pixels, max_side, deadline_s
         self._end = None if deadline_s is None else time.monotonic() + deadline_s
+        self._cpu0 = time.thread_time()  # a Budget is made and checked in the thread that decodes
 
     def check_size(self, what: str, width: int, height: int, frames: int = 1) -> None:
         if width < 1 or height < 1:
@@ -41,11 +44,16 @@ class Budget:
             raise BadImageError(f"{what} image is {shape}, above the limit of {self.max_pixels} pixels")
 
     def check_time(self, stage: str) -> None:
-        # sizes are capped before decoding starts, so an image that still runs out of time mostly
-        # means a busy server: a 503 to retry, not a 400 for the image
-        if self._end is not None and time.monotonic() > self._end:
-            raise OverloadedError(f"image decoding took longer than {self.deadline_s:g} s (stopped {stage}); "
-                                  "the server is busy, retry later")
+        """Past the deadline: the image's fault (422) when this thread spent most of the time
+        computing on it, else a busy server's (503, retry)."""
+        if self._end is None or time.monotonic() <= self._end:
+            return
+        cpu = time.thread_time() - self._cpu0
+        if cpu > max(_COSTLY_CPU_SHARE * self.deadline_s, _COSTLY_CPU_MIN_S):
+            raise ImageTooCostlyError(f"image decoding used {cpu:.1f} s of CPU, past the deadline of "
+                                      f"{self.deadline_s:g} s (stopped {stage}): the image is too costly to decode")
+        raise OverloadedError(f"image decoding took longer than {self.deadline_s:g} s (stopped {stage}); "
+                              "the server is busy, retry later")
 
 
 def band_rows(width: int, channels: int) -> int:

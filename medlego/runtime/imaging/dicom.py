@@ -3,12 +3,17 @@
 pydicom's ``dcmread`` + ``pixel_array`` would read every frame, and inflate a deflated data set
 whole, before anything could be checked. Here, instead:
 
-* the file meta is read by hand and the data set only up to its Pixel Data element (a deflated
-  one is inflated only that far, and refused when its header is over _DICOM_HEADER_CAP);
+* the file meta is read by hand and the data set walked (dicom_elements: elements counted, the
+  deadline checked) up to its Pixel Data element, and pydicom parses only the group 0028
+  elements the decoder reads; a deflated data set is inflated only that far, and refused when its
+  header is over _DICOM_HEADER_CAP;
 * the geometry (dicom_header) is checked against the budget and against the pixel data's
   length, and the greyscale transforms (dicom_values) are validated, before any pixel;
 * only frame 0 is decoded: native pixel data (inflated as it is read, for a deflated data set)
-  as bands of rows that pydicom decodes one at a time, compressed pixel data as one frame.
+  as bands of rows that pydicom decodes one at a time. Compressed: frame 0's fragments are found
+  by walking the items (at most _MAX_FRAGMENTS); RLE is decoded here with each segment bounded by
+  its frame (rle), then read as native bands; a JPEG, JPEG-LS or JPEG 2000 codestream must say the
+  header's geometry (codestream) before pydicom decodes it as one frame.
 
 The values are those of pydicom's LUT functions on the whole frame: modality transform, VOI
 transform when there is a window, normalised by the frame's minimum and maximum, MONOCHROME1
@@ -27,14 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadImageError
+from ..errors import BadImageError, ImageTooCostlyError
+from . import codestream, dicom_elements, rle
 from .bands import Budget, band_rows, sink_for
-from .dicom_header import Frame
+from .dicom_header import Frame, check_bounded
 from .dicom_values import GreyValues
 from .inflate import Inflater
 
 _DICOM_HEADER_CAP = 8 * 1024 * 1024  # inflated bytes allowed before a deflated data set's pixel data
 _DICOM_FRAME_CAP = 256 * 1024 * 1024  # bytes of one DICOM frame, whatever max_pixels allows
+_MAX_META_ELEMENTS = 256  # group 0002 holds about 8
+_MAX_FRAGMENTS = 10_000  # items of encapsulated pixel data walked to find frame 0
+_RLE = "1.2.840.10008.1.2.5"
 
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _PIXEL_MODULE = ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "Columns",
@@ -45,10 +54,12 @@ _UNDEFINED = 0xFFFFFFFF
 
 def decode(data: bytes, budget: Budget, target_size: int | None) -> np.ndarray:
     """DICOM bytes → float32 [H, W] or [H, W, 3] in [0, 1], frame 0 (see the module docstring)."""
-    source = _DicomSource.open(data)
+    source = _DicomSource.open(data, budget)
     frame = Frame.of(source.ds)
     budget.check_size("DICOM", frame.columns, frame.rows, frame.frames)
     _check_pixel_bytes(frame, source)
+    if source.syntax.is_encapsulated:
+        source.find_frame_zero(frame)
     grey = GreyValues.of(source.ds, frame) if frame.samples == 1 else None  # validated before any pixel
     budget.check_time("after the DICOM header")
     sink = sink_for(frame.rows, frame.columns, target_size)
@@ -97,38 +108,48 @@ class _DicomSource:
     pixel_vr: str | None  # None for implicit VR
     pixel_length: int  # _UNDEFINED for encapsulated data
     reader: Any  # .read(n) → the next n bytes of the Pixel Data value (inflated for a deflated data set)
+    value_at: int  # where the Pixel Data value starts in ``data`` (-1: deflated)
+    frame_zero: bytes = b""  # compressed: frame 0's fragments, joined (find_frame_zero)
 
     @classmethod
-    def open(cls, data: bytes) -> _DicomSource:
-        import pydicom
-        from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+    def open(cls, data: bytes, budget: Budget) -> _DicomSource:
+        from pydicom.filereader import read_dataset
+        from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
         meta, meta_end = _read_file_meta(data)
         syntax = UID(str(meta.get("TransferSyntaxUID", "")))
         if not syntax:
             raise BadImageError("cannot decode DICOM image: the file meta has no Transfer Syntax UID")
+        check_bounded(syntax)  # before the walk: an unknown syntax's encoding is unknown too
         if syntax == DeflatedExplicitVRLittleEndian:
-            return cls._open_deflated(data, meta, meta_end, syntax)
-        fp = io.BytesIO(data)
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)  # leaves fp at the Pixel Data element
-        at = fp.tell()
-        vr, length, header = _pixel_element(data[at:at + 12], syntax)
-        return cls(data, ds, syntax, vr, length, _Bytes(memoryview(data)[at + header:]))
+            return cls._open_deflated(data, meta, meta_end, syntax, budget)
+        if syntax == ExplicitVRLittleEndian and not data[meta_end + 4:meta_end + 6].isalpha():
+            syntax = ImplicitVRLittleEndian  # written implicit though the meta says explicit: read as pydicom does
+        header = dicom_elements.walk(data, meta_end, implicit=syntax.is_implicit_VR, little=syntax.is_little_endian,
+                                     budget=budget)
+        ds = read_dataset(io.BytesIO(header.image_elements(data)), syntax.is_implicit_VR, syntax.is_little_endian)
+        ds.file_meta = meta
+        at = len(data) if header.pixel_at is None else header.pixel_at
+        vr, length, size = _pixel_element(data[at:at + 12], syntax)
+        return cls(data, ds, syntax, vr, length, _Bytes(memoryview(data)[at + size:]), at + size)
 
     @classmethod
-    def _open_deflated(cls, data: bytes, meta, meta_end: int, syntax) -> _DicomSource:
+    def _open_deflated(cls, data: bytes, meta, meta_end: int, syntax, budget: Budget) -> _DicomSource:
         """Inflate the header only, never the whole data set as pydicom would: the pixel data is
         inflated later, band by band, and only as far as frame 0 needs."""
+        from pydicom.filereader import read_dataset
         from pydicom.uid import ExplicitVRLittleEndian
 
         stream = Inflater([memoryview(data)[meta_end:]], -zlib.MAX_WBITS)
-        ds, head, at = _inflate_header(stream)
+        header, head = _inflate_header(stream, budget)
+        ds = read_dataset(io.BytesIO(header.image_elements(head)), is_implicit_VR=False, is_little_endian=True)
         ds.file_meta = meta
-        vr, length, header = _pixel_element(head[at:at + 12], ExplicitVRLittleEndian)
+        at = len(head) if header.pixel_at is None else header.pixel_at
+        vr, length, size = _pixel_element(head[at:at + 12], ExplicitVRLittleEndian)
         if length == _UNDEFINED:
             raise BadImageError("cannot decode DICOM image: deflated data with encapsulated pixel data")
-        stream.push_back(head[at + header:])
-        return cls(data, ds, syntax, vr, length, stream)
+        stream.push_back(head[at + size:])
+        return cls(data, ds, syntax, vr, length, stream, -1)
 
     @property
     def deflated(self) -> bool:
@@ -143,35 +164,53 @@ class _DicomSource:
         else:
             yield from self._native_bands(frame, budget)
 
-    def _encapsulated_bands(self, frame: Frame, budget: Budget) -> Iterator[np.ndarray]:
-        from pydicom.pixels.utils import pixel_array
+    def find_frame_zero(self, frame: Frame) -> None:
+        """Frame 0's bytes, checked before anything decodes them: a codestream must say the
+        header's geometry; RLE's segment table must fit the frame (its runs are bounded as decoded)."""
+        self.frame_zero = _frame_zero(self.data, self.value_at, frame.frames, self.syntax == _RLE)
+        if self.syntax != _RLE:
+            codestream.check_frame(self.frame_zero, frame, self.syntax.name)
 
-        # a compressed frame is decoded whole (its size is bounded by the checks above), and only frame 0
-        arr = pixel_array(io.BytesIO(self.data), index=0)
+    def _encapsulated_bands(self, frame: Frame, budget: Budget) -> Iterator[np.ndarray]:
+        from pydicom.encaps import encapsulate
+        from pydicom.pixels.utils import pixel_array
+        from pydicom.uid import ExplicitVRLittleEndian
+
+        if self.syntax == _RLE:  # decoded here, bounded; then read as native little endian, interleaved
+            native = rle.decode_frame(self.frame_zero, frame.rows, frame.columns, frame.samples,
+                                      frame.bits_allocated, budget)
+            budget.check_time("after decompressing the DICOM frame")
+            yield from self._native_bands(frame, budget, _Bytes(memoryview(native)), ExplicitVRLittleEndian, 0)
+            return
+        one = _pixel_module(self.ds, self.syntax)  # frame 0 alone, its geometry checked (find_frame_zero)
+        one.Rows, one.NumberOfFrames = frame.rows, 1
+        one.PixelData = encapsulate([self.frame_zero])
+        one["PixelData"].VR, one["PixelData"].is_undefined_length = "OB", True
+        arr = pixel_array(one)
         budget.check_time("after decompressing the DICOM frame")
         rows = band_rows(frame.columns, frame.samples)
         for y in range(0, frame.rows, rows):
             yield arr[y:y + rows]
 
-    def _native_bands(self, frame: Frame, budget: Budget) -> Iterator[np.ndarray]:
-        from pydicom.dataset import Dataset, FileMetaDataset
+    def _native_bands(self, frame: Frame, budget: Budget, reader=None, syntax=None,
+                      planar: int | None = None) -> Iterator[np.ndarray]:
         from pydicom.pixels.utils import pixel_array
         from pydicom.uid import ExplicitVRLittleEndian
 
-        band = Dataset()  # one band of rows as a data set of its own, so that pydicom decodes it
-        band.file_meta = FileMetaDataset()
-        band.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if self.deflated else self.syntax
-        for keyword in _PIXEL_MODULE:
-            if keyword in self.ds:
-                setattr(band, keyword, self.ds[keyword].value)
-        vr = self.pixel_vr or ("OW" if frame.bits_allocated > 8 else "OB")
-        rows = frame.rows if frame.planar else band_rows(frame.columns, frame.samples)  # planar: R, G, B planes
+        reader = reader or self.reader
+        # one band of rows as a data set of its own, so that pydicom decodes it
+        band = _pixel_module(self.ds, syntax or (ExplicitVRLittleEndian if self.deflated else self.syntax))
+        planar = frame.planar if planar is None else planar
+        if frame.samples > 1:
+            band.PlanarConfiguration = planar
+        vr = (self.pixel_vr if syntax is None else None) or ("OW" if frame.bits_allocated > 8 else "OB")
+        rows = frame.rows if planar else band_rows(frame.columns, frame.samples)  # planar: R, G, B planes
         if frame.bits_allocated == 1:
             rows = -(-rows // 8) * 8  # whole bytes per band
         for y in range(0, frame.rows, rows):
             n = min(rows, frame.rows - y)
             size = -(-n * frame.row_bits // 8)
-            raw = self.reader.read(size)
+            raw = reader.read(size)
             if len(raw) < size:
                 raise BadImageError(f"cannot decode DICOM image: the pixel data ends at row {y} of {frame.rows}")
             band.Rows = n
@@ -193,33 +232,78 @@ class _Bytes:
         return bytes(out)
 
 
-def _inflate_header(stream: Inflater):
-    """(header data set, inflated bytes, offset of the Pixel Data element), inflating 64 KB, then
-    4 times more each time the header goes on, up to _DICOM_HEADER_CAP: only a little pixel data
-    is inflated before the geometry is checked, and a header bigger than the cap is refused."""
-    from pydicom.filereader import read_dataset
-
+def _inflate_header(stream: Inflater, budget: Budget):
+    """(walked header, inflated bytes), inflating 64 KB, then 4 times more each time the header
+    goes on, up to _DICOM_HEADER_CAP: only a little pixel data is inflated before the geometry is
+    checked, and a header bigger than the cap is refused. Each try is a walk (dicom_elements), never
+    a parse, so a flood of elements is refused at MAX_ELEMENTS whatever it inflates to."""
     head, size = b"", 64 * 1024
     while True:
         head += stream.read(size - len(head))
         more = len(head) == size  # the stream may go on
-        fp = io.BytesIO(head)
         try:
-            ds = read_dataset(fp, is_implicit_VR=False, is_little_endian=True, stop_when=_at_pixel_data)
-            if fp.tell() + 12 <= len(head) or not more:  # stopped at the pixel data, or the data set ends
-                return ds, head, fp.tell()
-        except Exception:  # cut off inside an element
-            if not more:
-                raise
+            header = dicom_elements.walk(head, 0, implicit=False, little=True, budget=budget, complete=not more)
+            if header.pixel_at is None or header.pixel_at + 12 <= len(head) or not more:
+                return header, head
+        except dicom_elements.Short:  # cut off inside an element
+            pass
         if size >= _DICOM_HEADER_CAP:
             raise BadImageError(f"DICOM header is over {_DICOM_HEADER_CAP >> 20} MB once inflated: "
                                 "refused as a decompression bomb")
         size = min(4 * size, _DICOM_HEADER_CAP)
 
 
-def _at_pixel_data(tag, vr, length) -> bool:
-    """read_dataset's stop_when: any of the pixel data elements (float, double float or integer)."""
-    return tag >> 16 == 0x7FE0 and tag & 0xFFFF in (0x0008, 0x0009, 0x0010)
+def _pixel_module(ds, syntax):
+    """A data set of the Image Pixel elements of ``ds`` alone (no pixel data yet), for pydicom to decode."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    one = Dataset()
+    one.file_meta = FileMetaDataset()
+    one.file_meta.TransferSyntaxUID = syntax
+    for keyword in _PIXEL_MODULE:
+        if keyword in ds:
+            setattr(one, keyword, ds[keyword].value)
+    return one
+
+
+def _frame_zero(data: bytes, at: int, frames: int, one_a_frame: bool) -> bytes:
+    """Frame 0 of encapsulated pixel data (its value starting at ``at``): the fragments up to the
+    second Basic Offset Table entry, or with no table, every fragment of a single frame, else those
+    up to the next one that starts a codestream (one fragment a frame for RLE). At most
+    _MAX_FRAGMENTS items are walked."""
+    items = struct.Struct("<HHI")
+    if at + 8 > len(data) or items.unpack_from(data, at)[:2] != (0xFFFE, 0xE000):
+        raise BadImageError("cannot decode DICOM image: the encapsulated pixel data has no offset table item")
+    length = items.unpack_from(data, at)[2]
+    if length % 4 or at + 8 + length > len(data):
+        raise BadImageError("cannot decode DICOM image: the basic offset table is malformed")
+    table = struct.unpack_from(f"<{length // 4}I", data, at + 8)
+    at = first = at + 8 + length
+    end_of_zero = table[1] if frames > 1 and len(table) > 1 else None
+    fragments: list[bytes] = []
+    while True:
+        if at + 8 > len(data):
+            if fragments:
+                break  # no sequence delimiter: the data ends after the last fragment
+            raise BadImageError("cannot decode DICOM image: the encapsulated pixel data has no fragment")
+        group, elem, length = items.unpack_from(data, at)
+        if (group, elem) == (0xFFFE, 0xE0DD) or (end_of_zero is not None and at - first >= end_of_zero):
+            break
+        if (group, elem) != (0xFFFE, 0xE000) or length == _UNDEFINED or at + 8 + length > len(data):
+            raise BadImageError("cannot decode DICOM image: a pixel data fragment is malformed or cut short")
+        fragment = data[at + 8:at + 8 + length]
+        if frames > 1 and end_of_zero is None and fragments and (
+                fragment[:2] == b"\xff\xd8" or fragment[:2] == b"\xff\x4f" or fragment[4:8] == b"jP  "):
+            break  # the next frame's codestream
+        fragments.append(fragment)
+        if len(fragments) > _MAX_FRAGMENTS:
+            raise ImageTooCostlyError(f"DICOM frame 0 has more than {_MAX_FRAGMENTS} fragments: too costly to decode")
+        at += 8 + length
+        if frames > 1 and end_of_zero is None and one_a_frame:
+            break
+    if not fragments:
+        raise BadImageError("cannot decode DICOM image: the encapsulated pixel data has no fragment for frame 0")
+    return b"".join(fragments)
 
 
 def _read_file_meta(data: bytes):
@@ -228,8 +312,12 @@ def _read_file_meta(data: bytes):
     from pydicom.dataset import FileMetaDataset
     from pydicom.filereader import read_dataset
 
-    at = 132
+    at, count = 132, 0
     while at + 8 <= len(data) and struct.unpack("<H", data[at:at + 2])[0] == 0x0002:
+        count += 1
+        if count > _MAX_META_ELEMENTS:
+            raise ImageTooCostlyError(f"DICOM file meta has more than {_MAX_META_ELEMENTS} elements: "
+                                      "too costly to decode")
         if data[at + 4:at + 6] in _LONG_VRS:
             at += 12 + struct.unpack("<I", data[at + 8:at + 12])[0]
         else:

@@ -4,7 +4,8 @@ pydicom converts a value when it is accessed, and an odd one (an IS that is not 
 multi-valued slope, a NaN intercept) surfaces as a warning, a traceback or nonsense pixels. The
 readers here turn every header value the decoder uses into a checked number, or a one-line
 :class:`BadImageError` that names the element, and :class:`Frame` is the Image Pixel geometry
-built from them, with the transfer syntax checked to be one pydicom can decode.
+built from them, with the transfer syntax checked to be one whose cost is bounded before
+decoding (:data:`BOUNDED_SYNTAXES`) and that pydicom can decode.
 """
 
 from __future__ import annotations
@@ -60,9 +61,28 @@ class Frame:
         return -(-self.rows * self.row_bits // 8)
 
 
+# every transfer syntax whose decoding cost is bounded before decoding (dicom.py, codestream.py, rle.py)
+BOUNDED_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",  # native, deflated
+    "1.2.840.10008.1.2.5",  # RLE Lossless: decoded here, each segment bounded by its frame
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",  # JPEG
+    "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",  # JPEG-LS
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",  # HTJ2K
+})
+
+
+def check_bounded(syntax) -> None:
+    """A one-line 400 naming a transfer syntax not in BOUNDED_SYNTAXES (``syntax``: a pydicom UID)."""
+    if str(syntax) not in BOUNDED_SYNTAXES:
+        raise BadImageError(f"cannot decode DICOM image: transfer syntax {syntax.name} ({syntax}) is not supported "
+                            "(its decoding cost cannot be checked before decoding)")
+
+
 def _check_syntax(syntax) -> None:
     from pydicom.pixels.decoders.base import get_decoder
 
+    check_bounded(syntax)
     try:
         available = get_decoder(syntax).is_available
     except NotImplementedError:

@@ -22,8 +22,16 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from PIL import Image
+
+from ..config import MAX_IMAGE_PIXELS
+from . import codestream
 from .bands import Budget, band_rows, sink_for
 from .png_stream import PngStream
+
+# Pillow's own bomb limit (179 Mpx by default) is what pydicom's Pillow plugins meet (a DICOM JPEG or
+# JPEG 2000 frame, after codestream.check_frame): the server's limit instead, a backstop behind ours
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 _JPEG_DRAFT_MULTIPLE = 4  # a large JPEG is decoded at >= 4 x target_size a side (see _draft_jpeg)
 _PIL_16BIT = ("I;16", "I;16B", "I;16L", "I")
@@ -34,6 +42,8 @@ def decode(data: bytes, fmt: str, budget: Budget, target_size: int | None) -> np
     what = fmt.upper()
     im = _open_pil(data, fmt)
     budget.check_size(what, im.width, im.height)
+    if fmt == "jpeg":
+        codestream.jpeg_scans(data)  # a progressive JPEG of thousands of scans is refused before decoding
     if target_size is None:
         im.load()
         budget.check_time(f"after decoding the {what} image")

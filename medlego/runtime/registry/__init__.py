@@ -144,8 +144,13 @@ class Registry:
 
     @property
     def index(self):
-        """The index database (the audit log shares it: runtime/audit.py)."""
+        """The index database (the audit log shares it: runtime/registry/audit.py)."""
         return self._index
+
+    @property
+    def store(self):
+        """The object store (the audit log's signed checkpoints go there too: runtime/registry/audit.py)."""
+        return self._store
 
     def close(self) -> None:
         """Close this process's database connections (the next call opens new ones)."""

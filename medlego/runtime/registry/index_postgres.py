@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import psycopg
 from psycopg import errors as pg_errors
 
-from ..errors import BadInputError, StorageUnavailableError
+from ..errors import BadInputError, StorageFullError, StorageUnavailableError
 from .index import Index, Tx, lock_key, redact
 
 POOL_SIZE = 8  # connections per process: enough for a server's threads, and a fleet stays under max_connections
@@ -132,6 +132,9 @@ class PostgresIndex(Index):
             yield
         except self.retryable:
             raise
+        except pg_errors.DiskFull as e:  # SQLSTATE 53100: the server's disk; the transaction was rolled back
+            raise StorageFullError(f"the registry database {redact(self.url)} has no space left: {_one_line(e)}; "
+                                   "nothing was written") from None
         except psycopg.OperationalError as e:
             if conn.closed or conn.broken:
                 raise _unreachable(self.url, e) from None

@@ -16,7 +16,9 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import StorageFullError
 from .index import Index, Tx
+from .store import DISK_FULL_ERRNOS
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -80,8 +82,12 @@ class SqliteIndex(Index):
         try:
             yield Tx(lambda sql, params: db.execute(_sqlite_sql(sql), params), lambda shared=(), exclusive=(): None)
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as e:
+            if db.in_transaction:  # SQLite rolls back by itself after some errors (a full disk among them)
+                db.execute("ROLLBACK")
+            if _disk_full(e):
+                raise StorageFullError(f"no space left for the registry's database {self.path} (database or disk "
+                                       "is full); nothing was written: free space and retry") from None
             raise
 
     def close(self) -> None:
@@ -89,3 +95,10 @@ class SqliteIndex(Index):
         if db is not None and self._local.pid == os.getpid():
             db.close()
             self._local.db = None
+
+
+def _disk_full(e: BaseException) -> bool:
+    """SQLITE_FULL (a write that found no space), or the OS saying so directly."""
+    if isinstance(e, sqlite3.Error):
+        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(e)
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS

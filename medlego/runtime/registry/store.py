@@ -6,11 +6,15 @@ must exist (see the protocol in registry.py). Every read is verified against the
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..adapter import sha256_hex
-from ..errors import AdapterFormatError, BadInputError
+from ..errors import AdapterFormatError, BadInputError, StorageFullError
+
+# a write that failed for want of space: the disk is full, a quota is reached, or a file-size limit
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class Store:
@@ -43,11 +47,27 @@ class Store:
         """Remove what writers that died left behind; how many were removed."""
         raise NotImplementedError
 
+    # the audit trail's signed checkpoints (runtime/registry/audit.py), under the checkpoints/ prefix
+    def put_checkpoint(self, name: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def checkpoints(self) -> list[tuple[str, bytes]]:
+        """(name, bytes) of every checkpoint, sorted by name."""
+        raise NotImplementedError
+
 
 def verified(sha: str, data: bytes) -> bytes:
     if sha256_hex(data) != sha:  # changed behind the registry's back
         raise AdapterFormatError(f"stored adapter file {sha} does not match its sha256; the store is corrupt")
     return data
+
+
+def disk_full(e: BaseException, where: str) -> StorageFullError | None:
+    """The one-line 507 for an OSError that says the disk is full (None for any other error)."""
+    if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+        return StorageFullError(f"no space left for the registry at {where} ({e.strerror or 'disk full'}); "
+                                "nothing was stored: free space and retry")
+    return None
 
 
 def open_store(url: str | None, data_dir: Path, cache_dir: Path, cache_max_bytes: int) -> Store:
@@ -58,7 +78,13 @@ def open_store(url: str | None, data_dir: Path, cache_dir: Path, cache_max_bytes
         return FolderStore(data_dir / "store")
     if urlsplit(url).scheme == "s3":
         from .node_cache import NodeCache
-        from .store_s3 import S3Store
+
+        try:
+            from .store_s3 import S3Store
+        except ModuleNotFoundError as e:
+            from .index import missing_extra
+
+            raise missing_extra(e, "an s3:// store") from None
 
         return S3Store(url, NodeCache(cache_dir, cache_max_bytes))
     raise BadInputError(f"unsupported store URL {url!r}: leave it unset for the folder <data-dir>/store, "

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..adapter import atomic_write
-from .store import Store, verified
+from .store import Store, disk_full, verified
 
 _OBJECT = re.compile(r"[0-9a-f]{64}\.safetensors\Z")
 _TEMP = re.compile(r"\.(\d+)@(.+)-[0-9a-f]{16}\..*\.tmp\Z")
@@ -34,7 +34,13 @@ class FolderStore(Store):
         return self._path(sha).is_file()
 
     def put(self, sha: str, data: bytes) -> None:
-        atomic_write(self._path(sha), data, tmp_prefix=f".{os.getpid()}@{self._host}-{sha[:16]}.")
+        try:  # a failed write leaves no temp file (atomic_write removes it)
+            atomic_write(self._path(sha), data, tmp_prefix=f".{os.getpid()}@{self._host}-{sha[:16]}.")
+        except OSError as e:
+            full = disk_full(e, str(self.root))
+            if full is None:
+                raise
+            raise full from None
 
     def get(self, sha: str) -> bytes | None:
         try:
@@ -51,6 +57,17 @@ class FolderStore(Store):
     def local_path(self, sha: str) -> Path | None:
         path = self._path(sha)
         return path if self.get(sha) is not None else None
+
+    def put_checkpoint(self, name: str, data: bytes) -> None:
+        folder = self.root / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        atomic_write(folder / name, data)
+
+    def checkpoints(self) -> list[tuple[str, bytes]]:
+        folder = self.root / "checkpoints"
+        if not folder.is_dir():
+            return []
+        return [(p.name, p.read_bytes()) for p in sorted(folder.glob("*.json"))]
 
     def remove_stale_uploads(self, older_than_s: float | None) -> int:
         """Temp files of dead writers on this host, and (when older_than_s is given) any older than that."""

@@ -4,13 +4,22 @@ Configured the standard way, from the environment: ``AWS_ENDPOINT_URL`` (MinIO, 
 unset for AWS), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``. A PUT is atomic
 (S3 never shows half an object) and reads are strongly consistent, so the registry's protocol
 needs nothing more from the bucket. Reads go through the node's :class:`~.node_cache.NodeCache`;
-every download is verified against its sha256 before it is cached or returned.
+every download is verified against its sha256 before it is cached or returned. A cache that
+cannot take the file (its disk full) is only a warning: the verified bytes are served from memory.
+
+Every request is bounded (an outage must not hold a thread for minutes): ``CONNECT_TIMEOUT_S`` to
+connect, ``READ_TIMEOUT_S`` for each read of the answer, ``ATTEMPTS`` attempts in all (botocore's
+standard retry mode, with its jittered back-off of at most a second here). A hung or unreachable
+store therefore fails a call with :class:`StorageUnavailableError` (503) within about
+``ATTEMPTS × (READ_TIMEOUT_S + 1)`` seconds.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,11 +28,17 @@ from boto3.session import Session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..errors import BadInputError, StorageUnavailableError
+from ..errors import BadInputError, StorageFullError, StorageUnavailableError
 from .store import Store, verified
 from .node_cache import NodeCache
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+CONNECT_TIMEOUT_S = 2.0
+READ_TIMEOUT_S = 3.0  # per socket read, not per object: a large download that keeps flowing is not cut
+ATTEMPTS = 2  # in all, the first included
+CACHE_WARNING_INTERVAL_S = 60.0
+
+_log = logging.getLogger(__name__)
 
 
 class S3Store(Store):
@@ -37,7 +52,9 @@ class S3Store(Store):
         self._object = re.compile(re.escape(self.prefix) + r"([0-9a-f]{64})\.safetensors\Z")
         self._s3 = Session().client(
             "s3", region_name=os.environ.get("AWS_REGION") or None,
-            config=Config(connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"}))
+            config=Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+                          retries={"total_max_attempts": ATTEMPTS, "mode": "standard"}))
+        self._cache_warned = 0.0
         with self._errors():
             try:
                 self._s3.head_bucket(Bucket=self.bucket)
@@ -89,8 +106,19 @@ class S3Store(Store):
             data = self._download(sha)
             if data is None:
                 return None
-            self.cache.put(sha, verified(sha, data))
+            self._cache(sha, verified(sha, data))
         return data
+
+    def _cache(self, sha: str, data: bytes) -> None:
+        """Keep verified bytes in the node cache; a cache that cannot (its disk full) costs a warning, not the read."""
+        try:
+            self.cache.put(sha, data)
+        except OSError as e:  # the cache removed its temp file; the bytes in hand are verified and served
+            now = time.monotonic()
+            if now - self._cache_warned >= CACHE_WARNING_INTERVAL_S:
+                self._cache_warned = now
+                _log.warning("node cache %s cannot keep adapter %s (%s); serving it from memory, and every cold "
+                             "load reads the store until the cache has room", self.cache.root, sha[:12], e)
 
     def delete(self, sha: str) -> None:
         with self._errors():
@@ -107,7 +135,28 @@ class S3Store(Store):
         return sorted(out)
 
     def local_path(self, sha: str) -> Path | None:
-        return self.cache.path(sha) if self.get(sha) is not None else None
+        if self.get(sha) is None:
+            return None
+        path = self.cache.path(sha)
+        if not path.is_file():  # the cache could not keep it (or evicted it at once)
+            raise StorageFullError(f"the node cache {self.cache.root} cannot hold adapter {sha[:12]} (disk full?)")
+        return path
+
+    def put_checkpoint(self, name: str, data: bytes) -> None:
+        with self._errors():
+            self._s3.put_object(Bucket=self.bucket, Key=f"{self.prefix}checkpoints/{name}", Body=data,
+                                ContentType="application/json")
+
+    def checkpoints(self) -> list[tuple[str, bytes]]:
+        out = []
+        with self._errors():
+            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                           Prefix=f"{self.prefix}checkpoints/"):
+                for obj in page.get("Contents", []):
+                    body = self._s3.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"]
+                    with body:
+                        out.append((obj["Key"].rsplit("/", 1)[1], body.read()))
+        return sorted(out)
 
     def remove_stale_uploads(self, older_than_s: float | None) -> int:
         return 0  # a PUT is atomic: a writer that dies leaves no partial object in a bucket
