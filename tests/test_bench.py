@@ -21,3 +21,26 @@ def test_bench_quick_writes_all_files(tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "| issue | what | measured | goal | met |" in md and "PEFT mixed batch" in md
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmarks_never_write_the_committed_results_by_default(tmp_path, monkeypatch):
+    """Issue 27: with no --out a benchmark writes ./medlego-results in the current folder, even when that
+    folder is the checkout; the committed benchmarks/results is replaced only by an explicit --out."""
+    import hashlib
+    from pathlib import Path
+
+    from medlego.benchmarks import common, merge_speed
+    from medlego.cli import build_parser
+
+    repo = Path(__file__).resolve().parents[1]
+    committed = repo / "benchmarks" / "results"
+    monkeypatch.chdir(repo)
+    assert common.results_dir() == repo / "medlego-results"
+    assert build_parser("bench").parse_args(["bench", "--quick"]).out is None  # resolved when run, in its folder
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in committed.iterdir() if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    assert merge_speed.main(["--sources", "2", "--dim", "16", "--depth", "1", "--rank", "2"]) == 0
+    assert (tmp_path / "medlego-results" / "merge_speed.json").is_file()
+    assert (tmp_path / "medlego-results" / "merge_speed.md").is_file()
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in committed.iterdir() if p.is_file()}
+    assert before == after

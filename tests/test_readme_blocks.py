@@ -15,6 +15,7 @@ by the README's own ``kill %1``; whatever is left when the run ends is killed wi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -39,7 +40,10 @@ EXCLUDED = {  # ### subsections of those left out, and why
 }
 PORTS = (8000, 50051)  # what the README's examples use, as a user types them
 DEMO_ANSWER = re.compile(r"^answer \(HTTP 200\): (?:top label: (?P<top>.+); true label: (?P<truth>.+)"
-                         r"|labels above 0\.5: (?P<found>.+); true labels: (?P<present>.+))$", re.M)
+                         r"|labels above 0\.5: (?P<found>.+); true labels: (?P<present>.+)) \[(?P<mark>right|wrong)\]$",
+                         re.M)
+DEMO_SCORE = re.compile(r"^  (?P<adapter>\S+) on '(?P<task>\S+)': (?:label-wise )?accuracy (?P<acc>[0-9.]+).*\n"
+                        r"    \$ (?P<cmd>medlego eval .*)$", re.M)
 
 
 @dataclass
@@ -191,13 +195,17 @@ def test_readme_blocks_run_as_written(tmp_path):
     assert rc == 0, out
     assert "\r" not in out, "progress output in a pipe must not use carriage returns"
     answers = list(DEMO_ANSWER.finditer(out))
-    assert len(answers) == 3, out  # a PNG to blood, a JPEG and a DICOM to generalist
-    for a in answers:  # every printed answer agrees with the true label printed beside it
-        if a["top"] is not None:
-            assert a["top"] == a["truth"], a.group(0)
-        else:
-            assert a["found"] == a["present"], a.group(0)
-    assert "generalist@1 (blood+derma+chest)" in out and out.count("request:\n  medlego client diagnose") == 3
+    assert len(answers) == 9, out  # a seeded sample of 3 test images each: PNGs to blood, JPEGs and DICOMs to generalist
+    for a in answers:  # each answer is marked right exactly when it agrees with the true label printed beside it
+        agrees = a["top"] == a["truth"] if a["top"] is not None else a["found"] == a["present"]
+        assert (a["mark"] == "right") == agrees, a.group(0)
+    scores = list(DEMO_SCORE.finditer(out))
+    assert len(scores) == 6, out  # three specialists, the generalist on each of its three tasks
+    for m in scores[-1:]:  # the printed held-out accuracy is `medlego eval`'s, run as the demo prints it
+        rc, ev, _ = _run(m["cmd"] + " --json", work, timeout=300, prefix=network)
+        assert rc == 0, ev
+        assert f"{json.loads(ev.strip().splitlines()[-1])['accuracy']:.4f}" == m["acc"], (m.group(0), ev)
+    assert "generalist@1 (blood+derma+chest)" in out and out.count("request:\n  medlego client diagnose") == 9
     for name in ("blood.png", "derma.jpg", "chest.dcm"):  # what the serving examples send
         assert (work / "medlego-demo" / "samples" / name).is_file(), name
 

@@ -9,7 +9,7 @@ and the load average before and after. Goal: overhead <= 3%.
 
     python -m medlego.benchmarks.audit_cost [--rounds 4] [--seconds 6] [--clients 8]
 
-Writes ``benchmarks/results/audit_cost.{json,md}``.
+Writes ``audit_cost.{json,md}`` into ``--out`` (default ``./medlego-results``; ``--out benchmarks/results`` replaces the committed ones).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from medlego.benchmarks.common import hardware, write_json, results_dir
+from medlego.benchmarks.common import OUT_HELP, hardware, write_json, results_dir
 
-RESULTS = results_dir()
 MODEL = "vit_tiny_patch16_224"
 
 
@@ -58,7 +57,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seconds", type=float, default=6.0, help="length of one round")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--img-size", type=int, default=64, help="the base's input size (a tiny ViT)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None, metavar="DIR", help=OUT_HELP)
     args = ap.parse_args(argv)
 
     from medlego.jobs.synthetic import encode_png, random_adapter, random_image
@@ -126,6 +125,7 @@ def main(argv=None) -> dict:
               "chain_verified": chain.ok, "chain_rows": chain.rows, "rounds": rounds,
               "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
               "hardware": hardware(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    args.out = args.out or results_dir()
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(result, args.out / "audit_cost.json")
     lines = ["# Audit trail cost (served throughput, audit on vs off)", "",

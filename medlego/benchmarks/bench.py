@@ -35,7 +35,7 @@ from medlego.jobs.synthetic import random_adapter
 
 from . import merge_speed
 from .baselines import SwitchPerRequest, peft_model
-from .common import hardware, percentile, summary, time_call, write_json, results_dir
+from .common import OUT_HELP, hardware, percentile, summary, time_call, write_json, results_dir
 
 
 @dataclass
@@ -443,7 +443,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int)
     p.add_argument("--http", metavar="URL", help="also measure POST /v1/diagnose latency against this server")
     p.add_argument("--http-adapter", metavar="NAME", help="adapter to name in the HTTP requests")
-    p.add_argument("--out", default=str(results_dir()), help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--out", default=None, metavar="DIR", help="folder for bench.json, bench.md, bench.png " + OUT_HELP[len("folder for the results "):])
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -467,7 +467,7 @@ def run_from_args(a) -> int:
         cfg.http, cfg.http_adapter = a.http, a.http_adapter
     cfg.progress = not a.no_progress
     r = run_bench(cfg)
-    paths = write_all(r, Path(a.out))
+    paths = write_all(r, Path(a.out or results_dir()))
     print(to_markdown(r))
     print("wrote " + ", ".join(str(v) for v in paths.values()))
     return 0

@@ -13,14 +13,14 @@ import torch
 
 
 def results_dir() -> Path:
-    """Where a benchmark writes when the user names no folder: the checkout's committed
-    ``benchmarks/results/`` when this package runs from a checkout, else ``./medlego-results``
-    in the working directory (never inside site-packages)."""
-    checkout = Path(__file__).resolve().parents[2]
-    committed = checkout / "benchmarks" / "results"
-    if (checkout / "pyproject.toml").is_file() and committed.is_dir():
-        return committed
+    """Where a benchmark writes when the user names no folder (``--out``): ``./medlego-results`` in the
+    current folder, wherever that is (never inside site-packages, and never the checkout's committed
+    ``benchmarks/results/``, which is replaced only by an explicit ``--out benchmarks/results``).
+    Resolved when called, so a benchmark's ``--out`` default follows the folder it runs in."""
     return Path.cwd() / "medlego-results"
+
+
+OUT_HELP = "folder for the results (default: ./medlego-results; the committed ones: --out benchmarks/results)"
 
 
 def sync(device: str) -> None:

@@ -39,7 +39,7 @@ from medlego.runtime.adapter_merge import merge_adapters
 from medlego.runtime.base import init_weights_file, load_base
 
 from . import merge_tasks
-from .common import hardware, write_json, results_dir
+from .common import OUT_HELP, hardware, write_json, results_dir
 from .merge_table import EPOCHS, LR, TRAIN_IMAGES, quiet_determinism, train_specialists
 
 NEW_TASK = merge_tasks.MarkedTask("lesion-texture", "ring", "orientation", 3, angle=0.8, freq=3.5)
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--train-images", type=int, default=1200, help="new task: training images")
     p.add_argument("--threads", type=int, help="torch threads (default: min(2, cores))")
-    p.add_argument("--out", default=str(results_dir()))
+    p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads or max(1, min(2, os.cpu_count() or 1)))
     started, load, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), os.getloadavg(), time.perf_counter()
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
                                              log=print)[0].values())
         new = load_dataset(merge_tasks.make_marked_dataset(Path(tmp) / "new.npz", NEW_TASK, n_train=a.train_images, n_val=150,
                                                            n_test=300, seed=200), input_size=base.input_size)
-        out = Path(a.out)
+        out = Path(a.out or results_dir())
         sources_text = (", ".join(f"`{Path(f).name}`" for f in a.sources) if a.sources
                         else f"the four synthetic specialists, {a.source_epochs} epochs each")
 

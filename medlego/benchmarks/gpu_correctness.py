@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from .common import results_dir, write_json
+from .common import OUT_HELP, results_dir, write_json
 
 TOL = {"float32": 2e-3, "bfloat16": 3e-2}  # on probabilities; bf16 keeps 8 bits of mantissa
 MIN_EFFECT = 0.05  # the adapters must move some probability at least this much
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="CPU, vit_tiny at 32 px, float32, Triton in its interpreter")
-    p.add_argument("--out", default=str(results_dir()))
+    p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP)
     a = p.parse_args(argv)
     if a.quick:
         import os
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
                   ["float32", "bfloat16"], [False, True], 0.3)
         stem = "gpu_correctness"
 
-    out = Path(a.out)
+    out = Path(a.out or results_dir())
     write_json(res, out / f"{stem}.json")
     (out / f"{stem}.md").write_text(to_markdown(res))
     print(to_markdown(res))

@@ -41,7 +41,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from medlego.benchmarks.common import hardware, results_dir, write_json
+from medlego.benchmarks.common import OUT_HELP, hardware, results_dir, write_json
 
 MIXES = ("1", "8", "distinct", "1 of n")
 GOAL_MIXES = ("1", "8", "distinct")  # the goals are for these; "1 of n" is diagnostic
@@ -397,7 +397,7 @@ def _ints(text: str) -> list[int]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(results_dir()))
+    p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP)
     p.add_argument("--interpret", action="store_true", help="tiny CPU shapes under TRITON_INTERPRET=1 (script check, not a measurement)")
     p.add_argument("--dims", type=_ints, default=None, help="embedding dims (default 768,1024)")
     p.add_argument("--batches", type=_ints, default=None, help="images per batch (default 1,8,64,256)")
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
     if device != "cuda":  # interpreter timings say nothing about the goals
         for g in res["goals"]:
             g["met"] = None
-    out = Path(a.out)
+    out = Path(a.out or results_dir())
     stem = "kernel_bench_interpret" if a.interpret else "kernel_bench"
     write_json(res, out / f"{stem}.json")
     md = to_markdown(res)

@@ -24,7 +24,7 @@ task, every probability within 1e-4). Reported: throughput (images/s) and its ra
 in-process engine and to the embedded server, p50/p99 latency, the median of each stage of the
 answers' ``timings_ms``, the load average at each start, errors, mismatches; ``--baseline``
 adds earlier runs' light-load rows (before/after a change).
-Results: ``benchmarks/results/load_bench.{json,md}``.
+Results: ``load_bench.{json,md}`` under ``--out`` (default ``./medlego-results/``; ``--out benchmarks/results/load_bench`` replaces the committed ones).
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from medlego.benchmarks.common import results_dir
+from medlego.benchmarks.common import OUT_HELP, results_dir
 
-RESULTS = results_dir()
 TOLERANCE = 1e-4
 
 
@@ -497,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="", help="what this run is (shown when a later run compares with it)")
     p.add_argument("--baseline", action="append", default=[], type=Path, metavar="JSON",
                    help="an earlier run's results: its light-load rows are shown beside this run's (repeatable)")
-    p.add_argument("--out", default=str(RESULTS / "load_bench"))
+    p.add_argument("--out", default=None, metavar="PREFIX", help=OUT_HELP.replace("folder for the results", "path prefix of the result files") + " + /load_bench")
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
@@ -548,8 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "-m", "medlego.benchmarks.load_bench",
                                *(argv if argv is not None else sys.argv[1:])]),
     }
-    write_results(report, Path(args.out))
-    print(Path(args.out).with_suffix(".md").read_text())
+    out = Path(args.out or results_dir() / "load_bench")
+    write_results(report, out)
+    print(out.with_suffix(".md").read_text())
     bad = [r for m in results for r in m["rounds"] if r["errors"] or r["mismatches"]]
     bad += [m for m in results if m["light"]["errors"] or m["light"]["mismatches"]]
     return 1 if bad else 0

@@ -21,7 +21,7 @@ from medlego.jobs.synthetic import random_lowrank
 from medlego.runtime import merging
 
 from . import merge_dense
-from .common import hardware, write_json, results_dir
+from .common import OUT_HELP, hardware, write_json, results_dir
 
 # method -> (factor space, dense path); both map one matrix's sources to ΔW
 EXACT = {
@@ -109,11 +109,11 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--out", default=str(results_dir()))
+    p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP)
     a = p.parse_args(argv)
     r = run(a.sources, a.dim, a.depth, a.rank, methods=tuple(EXACT), core_methods=tuple(CORE), log=print)
     r["hardware"] = hardware()
-    out = Path(a.out)
+    out = Path(a.out or results_dir())
     write_json(r, out / "merge_speed.json")
     (out / "merge_speed.md").write_text(to_markdown(r))
     print(to_markdown(r))

@@ -43,7 +43,7 @@ from medlego.runtime.convert import zero_lowrank
 from medlego.runtime.model import AdaptedViT
 
 from . import merge_tasks
-from .common import hardware, write_json, results_dir
+from .common import OUT_HELP, hardware, write_json, results_dir
 
 PROBE = "linear probe on the frozen base"
 # Defaults of the synthetic benchmark (figure2.py trains its sources with the same). With 1,200 images per
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--full-grid", action="store_true", help="tune two-parameter methods over their full product grid "
                    "(default: λ, then the density / drop rate at the chosen λ)")
     p.add_argument("--threads", type=int, help="torch threads (default: min(2, cores))")
-    p.add_argument("--out", default=str(results_dir()))
+    p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP)
     a = p.parse_args(argv)
     if a.train_only and not a.specialists:
         p.error("--train-only needs --specialists DIR (where the specialists are kept)")
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
             return 0
     r["hardware"] = hardware()
     r["random_base"] = a.weights is None
-    out = Path(a.out)
+    out = Path(a.out or results_dir())
     write_json(r, out / "merge_table.json")
     (out / "merge_table.md").write_text(to_markdown(r))
     print(to_markdown(r))

@@ -8,7 +8,7 @@ model ids, all on one replica. If Ray keeps mixed batches, the handler sees batc
 with several ids; if it splits by model id (as ``ray/serve/batching.py`` reads in recent
 versions), every batch holds one id and its size is bounded by R/M. Then the same requests go
 to a handler fed by medlego's own :class:`DynamicBatcher` logic (mixed-adapter batches), for
-comparison. Results: ``benchmarks/results/ray_batch_split.{json,md}``.
+comparison. Results: ``ray_batch_split.{json,md}`` under ``--out`` (default ``./medlego-results/``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import json
 import sys
 import time
 from pathlib import Path
-from medlego.benchmarks.common import results_dir
+from medlego.benchmarks.common import OUT_HELP, results_dir
 
-RESULTS = results_dir()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", type=int, default=8)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--wait-s", type=float, default=0.05)
-    p.add_argument("--out", default=str(RESULTS / "ray_batch_split"))
+    p.add_argument("--out", default=None, metavar="PREFIX", help=OUT_HELP.replace("folder for the results", "path prefix of the result files") + " + /ray_batch_split")
     args = p.parse_args(argv)
 
     import ray
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "control_without_model_ids": {"batches": len(control), "mean_batch_size": round(sum(control) / len(control), 2),
                                       "max_batch_size_seen": max(control), "wall_s": round(control_wall, 3)},
     }
-    out_path = Path(args.out)
+    out_path = Path(args.out or results_dir() / "ray_batch_split")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.with_suffix(".json").write_text(json.dumps(report, indent=1))
     md = [

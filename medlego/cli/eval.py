@@ -19,18 +19,14 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from medlego.jobs.datasets import load_dataset
-    from medlego.jobs.evaluate import evaluate_adapter
+    from medlego.jobs.evaluate import evaluate_on
 
     from .common import load_base_and_adapter
 
     base, adapter = load_base_and_adapter(args)
-    spec = adapter.task(args.task)
-    data = load_dataset(args.data, input_size=base.input_size, seed=args.seed, label_names=list(spec.labels)
-                        if not spec.multilabel else None, num_classes=spec.num_classes)
-    m = evaluate_adapter(base, adapter, data, spec.name, args.split)
+    m = evaluate_on(base, adapter, args.data, args.task, args.split, seed=args.seed)
     if args.json:
         print(json.dumps(m))
     else:
-        print(f"{spec.name} on {data.name}/{args.split} ({m['n']} images): accuracy {m['accuracy']:.4f}, AUC {m['auc']:.4f}")
+        print(f"{m['task']} on {m['dataset']}/{args.split} ({m['n']} images): accuracy {m['accuracy']:.4f}, AUC {m['auc']:.4f}")
     return 0

@@ -65,7 +65,7 @@ def _add(args) -> int:
         from .common import load_base_from_args
 
         base = load_base_from_args(args)
-    reg = registry_from_args(args, base=base, max_rank=args.max_rank)
+    reg = registry_from_args(args, base=base, max_rank=args.max_rank, create=True)
     e = reg.register(args.name, path.read_bytes(), args.alias, move_aliases=args.move_aliases)
     print(f"registered {e.ref} sha256={e.sha256} ({e.size} bytes, tasks: {', '.join(t['name'] for t in e.tasks)})")
     return 0

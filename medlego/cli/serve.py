@@ -30,6 +30,10 @@ def register(sub) -> None:
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="replay the adapted trunk from CUDA graphs per power-of-two batch bucket (CUDA, Triton kernel)")
     p.add_argument("--slots", type=int, help="adapters resident on the device at once")
+    p.add_argument("--max-rank", type=int, help="the largest adapter rank served ([engine] max_rank; default 16)")
+    p.add_argument("--over-rank", choices=["refuse", "truncate"],
+                   help="an adapter above --max-rank: refuse it (default), or serve its top --max-rank singular "
+                        "directions, reporting the dropped share of singular-value mass ([engine] over_rank)")
     p.add_argument("--max-batch", type=int, help="images per engine batch")
     p.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill")
     p.add_argument("--max-queue", type=int, help="queued requests before 503")
@@ -65,7 +69,7 @@ def config_from_args(args):
             setattr(cfg.server, flag, getattr(args, flag))
     if args.no_grpc:
         cfg.server.grpc = False
-    for flag in ("device", "dtype", "kernel", "cuda_graphs", "slots"):
+    for flag in ("device", "dtype", "kernel", "cuda_graphs", "slots", "max_rank", "over_rank"):
         if getattr(args, flag) is not None:
             setattr(cfg.engine, flag, getattr(args, flag))
     for flag in ("max_batch", "max_wait_ms", "max_queue"):
@@ -89,7 +93,12 @@ def _run(args) -> int:
     if not cfg.auth.admin_token:
         print(f"note: no admin token configured: the admin API is closed (set {ADMIN_TOKEN_ENV} to open it)",
               file=sys.stderr)
-    if args.ray:
+    if args.ray:  # (the embedded server warns itself when its API is open beyond loopback)
+        from medlego.serving.server import open_on_network
+
+        warning = open_on_network(srv.host, cfg.auth)
+        if warning:
+            logging.getLogger("medlego.serving").warning(warning)
         return _run_ray(cfg, args)
     from medlego.serving.server import EmbeddedServer
     from medlego.serving.service import DiagnosisService

@@ -6,11 +6,12 @@ DEMO_SIZE px with seeded random weights (a stand-in for a real pretrained base),
 with the project's fine-tuning entrypoint, and a Med-LEGO merge of the three registered as
 ``generalist`` (it carries all three heads). A second run reuses the folder.
 
-The requests the demo sends (DEMO_REQUESTS) are test images, never trained on, written as the
-file format the request uses. Every image spans the full grey range, as a DICOM decodes (min-max),
-so a DICOM file shows the adapter exactly what it was trained on. Each request sends the first
-test image that its adapter answers right through the server's own decoding, and the log says how
-many of the test images it answers right: the demo shows real answers, and says how typical they are.
+The demo tells the truth about its adapters: for every adapter and task it reports the metrics of
+the held-out test split exactly as ``medlego eval`` computes them (``scores``: the same function on
+the same file), and the requests it sends (``requests``) are a fixed, seeded sample of test images,
+never trained on, chosen without looking at any answer: each is then marked right or wrong beside
+its true label (:func:`is_right`). Every image spans the full grey range, as a DICOM decodes
+(min-max), so a DICOM file shows the adapter exactly what it was trained on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_VERSION = 2  # what build_demo makes; a folder made by another version is rebuilt, never reused
+DEMO_VERSION = 3  # what build_demo makes; a folder made by another version is rebuilt, never reused
 DEMO_MODEL = "vit_tiny_patch16_224"
 DEMO_SIZE = 64
 DEMO_TASKS = (
@@ -35,6 +36,8 @@ DEMO_TASKS = (
 MERGED_NAME = "generalist"
 # (task, the adapter the request names, file format): a specialist, and the merge on two of its tasks
 DEMO_REQUESTS = (("blood", "blood", "png"), ("derma", MERGED_NAME, "jpg"), ("chest", MERGED_NAME, "dcm"))
+SAMPLE_SEED = 27  # which test images the demo sends: fixed, and never chosen by the answers
+SAMPLE_PER_REQUEST = 3  # test images sent per (task, adapter, format)
 _BUILT = ("base.safetensors", "datasets", "registry", "samples", "demo.json")  # what a rebuild removes
 
 
@@ -45,8 +48,21 @@ class DemoRequest:
     task: str
     truth: str | list[str]  # the label, or the labels present (multi-label)
     test_index: int  # which test image it is
-    right: int  # of the test split's images, how many this adapter answers right in this format
-    of: int
+
+
+@dataclass
+class DemoScore:
+    """An adapter's metrics on one task's held-out test split, as `medlego eval` computes them."""
+
+    adapter: str
+    task: str
+    data: str  # the dataset file
+    multilabel: bool
+    accuracy: float  # single-label: top-1; multi-label: label-wise (each label of each image at 0.5)
+    auc: float
+    n: int
+    right: int  # single-label: images answered right; multi-label: images with every label right
+    per_image: str = "top label right"
 
 
 @dataclass
@@ -56,10 +72,28 @@ class DemoRegistry:
     weights: Path
     data_dir: Path
     requests: list[DemoRequest] = field(default_factory=list)
+    scores: list[DemoScore] = field(default_factory=list)
 
 
-def build_demo(root: str | Path, *, epochs: int = 6, log=print) -> DemoRegistry:
-    """Build (or reuse) the demo folder: base weights, registry with trained + merged adapters, samples."""
+def is_right(answer: dict, truth) -> bool:
+    """An answer judged against the true label: the top label (single-label), or (multi-label) exactly the
+    labels present above 0.5 and none of the others."""
+    if answer.get("multilabel"):
+        return {label for label, p in answer["probabilities"].items() if p > 0.5} == set(truth)
+    return answer["top"][0]["label"] == truth
+
+
+def sample_indices(n_test: int, task_index: int, k: int = SAMPLE_PER_REQUEST, seed: int = SAMPLE_SEED) -> list[int]:
+    """The test images a request sends: a seeded draw that depends only on the split's size and the seed,
+    never on any adapter's answers."""
+    rng = np.random.default_rng([seed, task_index])
+    return sorted(int(i) for i in rng.choice(n_test, size=min(k, n_test), replace=False))
+
+
+def build_demo(root: str | Path, *, epochs: int = 6, log=print, size: int = DEMO_SIZE,
+               n_train: int = 200, n_test: int = 60, sample: int = SAMPLE_PER_REQUEST) -> DemoRegistry:
+    """Build (or reuse) the demo folder: base weights, registry with trained + merged adapters, samples.
+    ``size``, ``n_train``, ``n_test`` and ``sample`` make a smaller demo (tests)."""
     from medlego.runtime.base import init_weights_file, load_base
     from medlego.runtime.registry import Registry
 
@@ -71,26 +105,25 @@ def build_demo(root: str | Path, *, epochs: int = 6, log=print) -> DemoRegistry:
     t0 = time.perf_counter()
     weights = root / "base.safetensors"
     if not weights.is_file():
-        init_weights_file(DEMO_MODEL, 0, weights, img_size=DEMO_SIZE)
+        init_weights_file(DEMO_MODEL, 0, weights, img_size=size)
     base = load_base(DEMO_MODEL, weights)
-    log(f"base: {DEMO_MODEL} at {DEMO_SIZE} px, random weights (seed 0) -> {weights}")
+    log(f"base: {DEMO_MODEL} at {base.input_size} px, random weights (seed 0) -> {weights}")
     data_dir = root / "registry"
     reg = Registry(data_dir, base=base.spec, max_rank=16, input_size=base.input_size)
     existing = {e.name for e in reg.list()}
     for seed, (task, labels, multilabel, rgb) in enumerate(DEMO_TASKS):
-        npz = _dataset(root, task, len(labels), multilabel, rgb, seed)
+        npz = _dataset(root, task, len(labels), multilabel, rgb, seed, size, n_train, n_test)
         if task not in existing:  # an interrupted build goes on where it stopped
             reg.register(task, _train(base, npz, task, labels, epochs, seed, log))
     if MERGED_NAME not in existing:
         _merge(reg, log)
-    demo = DemoRegistry(root, DEMO_MODEL, weights, data_dir,
-                        [_request(root, base, reg, *r) for r in DEMO_REQUESTS])
-    for r in demo.requests:
-        log(f"{r.adapter} answers {r.right} of the {r.of} '{r.task}' test images right as .{r.path.rsplit('.', 1)[1]} "
-            f"files; the demo sends test image #{r.test_index}")
+    requests = [r for i, spec in enumerate(DEMO_REQUESTS) for r in _requests(root, reg, i, *spec, k=sample)]
+    scores = _scores(root, base, reg)
+    demo = DemoRegistry(root, DEMO_MODEL, weights, data_dir, requests, scores)
     (root / "demo.json").write_text(json.dumps({"version": DEMO_VERSION, "model": DEMO_MODEL, "weights": str(weights),
                                                 "data_dir": str(data_dir),
-                                                "requests": [asdict(r) for r in demo.requests]}, indent=1))
+                                                "requests": [asdict(r) for r in demo.requests],
+                                                "scores": [asdict(s) for s in demo.scores]}, indent=1))
     log(f"demo registry ready in {time.perf_counter() - t0:.0f} s: {data_dir}")
     return demo
 
@@ -108,7 +141,7 @@ def _reuse(root: Path, log) -> DemoRegistry | None:
         if {t[0] for t in DEMO_TASKS} | {MERGED_NAME} <= names:
             log(f"reusing the demo registry in {root}")
             return DemoRegistry(root, info["model"], Path(info["weights"]), Path(info["data_dir"]),
-                                [DemoRequest(**r) for r in info["requests"]])
+                                [DemoRequest(**r) for r in info["requests"]], [DemoScore(**s) for s in info["scores"]])
     log(f"{root} holds a demo made by another medlego version: rebuilding it")
     for name in _BUILT:
         path = root / name
@@ -119,13 +152,15 @@ def _reuse(root: Path, log) -> DemoRegistry | None:
     return None
 
 
-def _dataset(root: Path, task: str, classes: int, multilabel: bool, rgb: bool, seed: int) -> Path:
+def _dataset(root: Path, task: str, classes: int, multilabel: bool, rgb: bool, seed: int, size: int,
+             n_train: int, n_test: int) -> Path:
     npz = root / "datasets" / f"{task}.npz"
     if not npz.is_file():
         from .synthetic import make_synthetic_medmnist
 
-        make_synthetic_medmnist(npz, classes=classes, multilabel=multilabel, size=DEMO_SIZE, rgb=rgb,
-                                n_train=200, n_val=60, n_test=60, seed=100 + seed, full_range=True)
+        make_synthetic_medmnist(npz, classes=classes, multilabel=multilabel, size=size, rgb=rgb,
+                                n_train=n_train, n_val=max(4, n_train * 3 // 10), n_test=n_test, seed=100 + seed,
+                                full_range=True)
     return npz
 
 
@@ -135,11 +170,12 @@ def _train(base, npz: Path, task: str, labels, epochs: int, seed: int, log) -> b
 
     t0 = time.perf_counter()
     ds = load_dataset(npz, input_size=base.input_size, label_names=list(labels))
-    cfg = TrainConfig(task=task, epochs=epochs, lr=3e-3, rank=4, batch_size=32, seed=seed, progress=False)
-    result = train_adapter(base, ds, cfg, log=lambda *a: None)
-    metric = f"test AUC {result.test['auc']:.3f}" if ds.multilabel else f"test accuracy {result.test['accuracy']:.3f}"
-    log(f"trained '{task}' ({len(labels)} {'labels' if ds.multilabel else 'classes'}, synthetic data, "
-        f"{epochs} epochs, r=4): {metric} ({time.perf_counter() - t0:.0f} s)")
+    log(f"training '{task}' ({len(labels)} {'labels' if ds.multilabel else 'classes'}, synthetic data, "
+        f"{epochs} epochs, r=4)")
+    # progress: one line per epoch (and tqdm's bar over the steps on a terminal only: no carriage returns in a pipe)
+    cfg = TrainConfig(task=task, epochs=epochs, lr=3e-3, rank=4, batch_size=32, seed=seed, progress=True)
+    result = train_adapter(base, ds, cfg, log=lambda m: log(f"  {task}: {m}"))
+    log(f"trained '{task}' in {time.perf_counter() - t0:.0f} s")
     return result.adapter.to_bytes()
 
 
@@ -156,35 +192,47 @@ def _merge(reg, log) -> None:
         f"{entry.ref} (tasks: {', '.join(merged.task_names)}; rank per matrix {min(ranks)}..{max(ranks)})")
 
 
-def _request(root: Path, base, reg, task: str, adapter_ref: str, fmt: str) -> DemoRequest:
-    """The request for `task` to `adapter_ref` as a .fmt file: the first test image the adapter
-    answers right when decoded from that format, as the server decodes it (multi-label: the first
-    with at least one finding, where one is answered right, so the answer shows a finding)."""
-    import torch
+def _scores(root: Path, base, reg) -> list[DemoScore]:
+    """Every adapter on each of its tasks' test split, with `medlego eval`'s own function."""
+    from medlego.runtime.model import AdaptedViT
 
-    from medlego.runtime.imaging import decode_image, preprocess
-    from medlego.runtime.model import AdaptedViT, adapter_logits, probabilities
+    from .datasets import load_dataset
+    from .evaluate import evaluate_on, predict_probs
 
-    from .synthetic import encode_dicom, encode_jpeg, encode_png, write_image_files
+    model = AdaptedViT(base)
+    out = []
+    for name in [t[0] for t in DEMO_TASKS] + [MERGED_NAME]:
+        _, adapter = reg.load(name)
+        for spec in adapter.tasks:
+            npz = root / "datasets" / f"{spec.name}.npz"
+            m = evaluate_on(base, adapter, npz, spec.name, "test", model=model)
+            data = load_dataset(npz, input_size=base.input_size, num_classes=spec.num_classes,
+                                label_names=list(spec.labels) if not spec.multilabel else None).split("test")
+            probs = predict_probs(base, adapter, data.images, spec.name, model=model)
+            if spec.multilabel:
+                right = int(((probs > 0.5) == data.labels.bool()).all(dim=1).sum())
+            else:
+                right = int((probs.argmax(1) == data.labels.reshape(-1)).sum())
+            out.append(DemoScore(name, spec.name, str(npz), spec.multilabel, float(m["accuracy"]), float(m["auc"]),
+                                 int(m["n"]), right, "every label right" if spec.multilabel else "top label right"))
+    return out
 
-    encode = {"png": encode_png, "jpg": encode_jpeg, "dcm": lambda a: encode_dicom(a.astype(np.float32) / 255.0)}[fmt]
+
+def _requests(root: Path, reg, task_index: int, task: str, adapter_ref: str, fmt: str, k: int) -> list[DemoRequest]:
+    """The requests for `task` to `adapter_ref` as .fmt files: the seeded sample of its test images
+    (:func:`sample_indices`), whatever the adapter answers. The first is also written as
+    ``samples/TASK.{png,jpg[,dcm]}`` (what the README's examples send), the others as ``samples/TASK-N.*``."""
+    from .synthetic import write_image_files
+
     _, adapter = reg.load(adapter_ref)
     spec = adapter.task(task)
     with np.load(root / "datasets" / f"{task}.npz") as data:
         images, labels = data["test_images"], data["test_labels"]
-    x = torch.stack([preprocess(decode_image(encode(img)), adapter.preprocess) for img in images])
-    with torch.no_grad():
-        probs = probabilities(adapter_logits(AdaptedViT(base), adapter, x, task), spec)
-    if spec.multilabel:
-        right = ((probs > 0.5).numpy() == labels.astype(bool)).all(axis=1)
-    else:
-        right = probs.argmax(1).numpy() == labels.reshape(-1)
-    shown = right & labels.astype(bool).any(axis=1) if spec.multilabel else right
-    if not shown.any():  # multi-label: no image with a finding answered right; any image answered right
-        shown = right
-    index = int(np.flatnonzero(shown)[0]) if shown.any() else 0  # none right (a one-epoch build): the first
-    label = labels[index]
-    truth = [spec.labels[i] for i in np.flatnonzero(label)] if spec.multilabel else spec.labels[int(label.reshape(-1)[0])]
-    write_image_files(images[index], root / "samples" / task)
-    return DemoRequest(str(root / "samples" / f"{task}.{fmt}"), adapter_ref, task, truth, index, int(right.sum()),
-                       len(right))
+    out = []
+    for j, index in enumerate(sample_indices(len(images), task_index, k)):
+        label = labels[index]
+        truth = [spec.labels[i] for i in np.flatnonzero(label)] if spec.multilabel else spec.labels[int(label.reshape(-1)[0])]
+        stem = root / "samples" / (task if j == 0 else f"{task}-{j + 1}")
+        write_image_files(images[index], stem)
+        out.append(DemoRequest(f"{stem}.{fmt}", adapter_ref, task, truth, index))
+    return out

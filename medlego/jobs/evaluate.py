@@ -36,3 +36,15 @@ def evaluate_adapter(base: BaseModel, adapter: Adapter, data: Dataset, task: str
     probs = predict_probs(base, adapter, s.images, spec.name, model=model)
     m = metrics_for(probs, s.labels, data.multilabel)
     return {"task": spec.name, "split": split, "dataset": data.name, **m}
+
+
+def evaluate_on(base: BaseModel, adapter: Adapter, data_path, task: str | None = None, split: str = "test",
+                seed: int = 0, model: AdaptedViT | None = None) -> dict:
+    """`medlego eval`: the adapter's metrics on a dataset file or folder, loaded as eval loads it (the demo
+    reports exactly this, so its numbers are eval's)."""
+    from .datasets import load_dataset
+
+    spec = adapter.task(task)
+    data = load_dataset(data_path, input_size=base.input_size, seed=seed,
+                        label_names=list(spec.labels) if not spec.multilabel else None, num_classes=spec.num_classes)
+    return evaluate_adapter(base, adapter, data, spec.name, split, model=model)

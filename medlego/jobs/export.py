@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlego.runtime.adapter import Adapter
+from medlego.runtime.adapter import Adapter, current_umask
 from medlego.runtime.base import BaseModel
 from medlego.runtime.errors import BadInputError, ExportError
 from medlego.runtime.model import AdaptedViT, adapter_logits, fold_adapter
@@ -91,6 +91,7 @@ def export_onnx(base: BaseModel, adapter: Adapter, task: str | None, out: str | 
         diff = float(max(abs(got - expected).max(), abs(single - expected[:1]).max()))
         if not diff <= tolerance:
             raise ExportError(f"ONNX output differs from the engine by {diff:.3g} (tolerance {tolerance:g}); nothing written")
+        os.chmod(tmp, 0o666 & ~current_umask())  # as the user's other files: mkstemp made it 0600
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

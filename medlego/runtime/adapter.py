@@ -235,11 +235,29 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> str:
     return sha256_hex(data)
 
 
-def atomic_write(path: Path, data: bytes, tmp_prefix: str | None = None) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half."""
+def current_umask() -> int:
+    """The process's umask: read from /proc where there is one (setting it to read it, the only portable
+    way, would change it for a moment under every other thread of the process)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, data: bytes, tmp_prefix: str | None = None, mode: int = 0o666) -> None:
+    """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half.
+    The file gets ``mode`` less the user's umask, as ``open(path, "w")`` would make it (mkstemp's own
+    temp files are 0600 whatever the umask; pass ``mode=0o600`` for a secret)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix or f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -249,6 +267,43 @@ def atomic_write(path: Path, data: bytes, tmp_prefix: str | None = None) -> None
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def top_directions(m: LowRank, rank: int) -> tuple[LowRank, float, float]:
+    """The matrix's ``rank`` largest singular directions: (factors, dropped |E| mass, total |E| mass).
+
+    SVD-LoRA's E is ordered (largest first) when A's rows and B's columns are orthonormal, as medlego's
+    merge and conversion write them; E is sorted here by magnitude anyway (A's rows and B's columns
+    permuted with it, which leaves ΔW unchanged), so the kept part is the best rank-``rank`` part of ΔW
+    for such factors, and exactly what a merge capped at ``max_rank = rank`` keeps."""
+    mass = m.E.abs().double()
+    total = float(mass.sum())
+    if m.rank <= rank:
+        return m, 0.0, total
+    order = torch.argsort(mass, descending=True, stable=True)
+    keep, drop = order[:rank], order[rank:]
+    return LowRank(m.A[keep].contiguous(), m.E[keep].contiguous(), m.B[:, keep].contiguous()), \
+        float(mass[drop].sum()), total
+
+
+def truncate_rank(adapter: Adapter, max_rank: int) -> tuple[Adapter, dict | None]:
+    """The adapter served at rank ≤ ``max_rank``: every matrix above it keeps its top ``max_rank``
+    singular directions (:func:`top_directions`). Returns (adapter, None) when nothing is above, else
+    (truncated, report) with the share of singular-value mass dropped over all matrices (Σ dropped |E| /
+    Σ |E|), the largest share dropped in one matrix, the adapter's rank and the served rank."""
+    if adapter.max_rank <= max_rank:
+        return adapter, None
+    dropped = total = worst = 0.0
+    qs, vs, above = [], [], 0
+    for _, t, m in adapter.matrices():
+        kept, d, tot = top_directions(m, max_rank)
+        above += kept is not m
+        dropped, total = dropped + d, total + tot
+        worst = max(worst, d / tot if tot else 0.0)
+        (qs if t == "q" else vs).append(kept)
+    report = {"rank": adapter.max_rank, "served_rank": max_rank, "matrices_truncated": above,
+              "dropped_mass": round(dropped / total, 6) if total else 0.0, "max_matrix_dropped_mass": round(worst, 6)}
+    return replace(adapter, q=tuple(qs), v=tuple(vs)), report
 
 
 def load_adapter(path: str | os.PathLike, *, expected_base: BaseSpec | None = None,

@@ -25,7 +25,7 @@ import torch
 from medlego.kernels import BatchPlan, impl_name
 from medlego.kernels.plan import PlanBuffers
 
-from .adapter import Adapter, Preprocess, TaskSpec, check_compatible
+from .adapter import Adapter, Preprocess, TaskSpec, check_compatible, truncate_rank
 from .base import BaseModel
 from .config import EngineConfig
 from .counters import Counters
@@ -87,6 +87,7 @@ class Diagnosis:
     multilabel: bool = False
     embedding: list[float] | None = None  # only for images served without an adapter
     timings: dict[str, float] = field(default_factory=dict)
+    rank_truncation: dict | None = None  # served above the server's max_rank: what was dropped (truncate_rank)
 
     def to_json(self) -> dict:
         out = {"adapter": self.adapter, "version": self.version, "sha256": self.sha256, "task": self.task,
@@ -95,6 +96,8 @@ class Diagnosis:
                "timings_ms": {k: round(v * 1000, 3) for k, v in self.timings.items()}}
         if self.embedding is not None:
             out["embedding"] = self.embedding
+        if self.rank_truncation is not None:
+            out["rank_truncation"] = self.rank_truncation
         return out
 
 
@@ -111,6 +114,8 @@ class Request:
 class Engine:
     def __init__(self, base: BaseModel, registry: Registry, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
+        if self.config.over_rank not in ("refuse", "truncate"):
+            raise BadInputError(f"[engine] over_rank must be 'refuse' or 'truncate', not {self.config.over_rank!r}")
         self.base = base
         self.registry = registry
         self.device = torch.device(self.config.device)
@@ -120,7 +125,7 @@ class Engine:
         self.model.vit.to(self.device, self.dtype)
         self.pool = AdapterPool(base.spec, slots=self.config.slots, max_rank=self.config.max_rank,
                                 host_capacity=self.config.host_capacity, device=self.device, dtype=self.dtype,
-                                counters=self.counters)
+                                counters=self.counters, over_rank=self.config.over_rank)
         try:
             self.kernels = KernelChoice(self.config.kernel, self.device, self.dtype, cache_path=self.config.kernel_cache)
         except ValueError as e:
@@ -223,9 +228,21 @@ class Engine:
         except asyncio.TimeoutError:
             raise self._load_timeout(entry) from None
 
+    def served_form(self, adapter: Adapter) -> tuple[Adapter, dict | None]:
+        """The adapter as this server serves it: itself, or (``over_rank = "truncate"``, above ``max_rank``)
+        its top ``max_rank`` singular directions and the report of what was dropped."""
+        if self.config.over_rank == "truncate":
+            return truncate_rank(adapter, self.config.max_rank)
+        return adapter, None
+
+    def rank_truncation(self, adapter: Adapter) -> dict | None:
+        """What serving `adapter` here drops (None: nothing; it is served as it is, or refused)."""
+        return self.served_form(adapter)[1]
+
     def check_adapter(self, adapter: Adapter) -> None:
         """Everything a registration must pass to be servable here: base, rank, input size, numerics."""
         check_compatible(adapter.base, self.base.spec)
+        adapter, _ = self.served_form(adapter)
         if adapter.max_rank > self.config.max_rank:
             raise AdapterFormatError(f"adapter rank {adapter.max_rank} is above this server's maximum "
                                      f"{self.config.max_rank}")
@@ -403,7 +420,7 @@ class Engine:
             adapter=r.adapter.name, version=r.adapter.version, sha256=r.adapter.sha256, task=r.task.name,
             probabilities={lab: float(v) for lab, v in zip(labels, p.tolist())},
             top=[(labels[i], float(v)) for v, i in zip(top_v.tolist(), top_i.tolist())],
-            multilabel=r.task.multilabel, timings=timings)
+            multilabel=r.task.multilabel, timings=timings, rank_truncation=getattr(r.adapter.host, "truncation", None))
 
     def warmup(self) -> None:
         """The kernel choice for every batch bucket (measured or read from the cache), and one forward

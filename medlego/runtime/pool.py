@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .adapter import Adapter, BaseSpec, parse_adapter
+from .adapter import Adapter, BaseSpec, parse_adapter, truncate_rank
 from .counters import Counters
 from .errors import OverloadedError
 from .lora import pack_adapter

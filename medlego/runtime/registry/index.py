@@ -84,6 +84,15 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
 
 
+FLEET_EXTRA = 'pip install "medlego[fleet]"'
+
+
+def missing_extra(error: ModuleNotFoundError, what: str) -> BadInputError:
+    """A backend whose client library is not installed: one line naming the extra that brings it."""
+    return BadInputError(f"{what} needs the fleet extra, which is not installed (no module named "
+                         f"{(error.name or '?').split('.')[0]!r}): {FLEET_EXTRA}")
+
+
 def open_index(url: str | None, data_dir: Path) -> Index:
     """None or 'sqlite': ``<data_dir>/registry.db``; ``postgresql://…``: a shared PostgreSQL database."""
     if url in (None, "", "sqlite"):
@@ -91,8 +100,10 @@ def open_index(url: str | None, data_dir: Path) -> Index:
 
         return SqliteIndex(data_dir / "registry.db")
     if urlsplit(url).scheme in ("postgresql", "postgres"):
-        from .index_postgres import PostgresIndex
-
+        try:
+            from .index_postgres import PostgresIndex
+        except ModuleNotFoundError as e:
+            raise missing_extra(e, "a postgresql:// registry") from None
         return PostgresIndex(url)
     raise BadInputError(f"unsupported registry URL {redact(url)!r}: use 'sqlite' (the default, "
                         "<data-dir>/registry.db) or postgresql://USER@HOST:PORT/DB")
