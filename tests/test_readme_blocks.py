@@ -1,12 +1,13 @@
-"""The README's examples run as written: the set-up's `medlego demo`, then every shell (and Python)
-block of *Two-minute quickstart* and *Serving*, in order, in one bash shell, in a fresh folder.
+"""The documents' examples run as written: the README's set-up (`medlego demo`), then every shell (and
+Python) block of the README's *Two-minute quickstart* and *Serving in one minute* and of
+docs/serving.md, in that order, in one bash shell, in one fresh folder.
 
 What a new user does, step by step, after `pip install`: blocks use only the files earlier blocks
 made (the demo folder, `medlego samples -o …`, the adapter the quickstart trains) and the tools the
 install provides. A block that needs what CI cannot have (a real base's weights, a GPU, a cluster)
 carries ``<!-- not run in CI: reason -->`` on the line before its fence; it is left out, and its
-reason is printed. Subsections of *Serving* that other parts of the README own and that need a Ray
-cluster or a PostgreSQL host are left out by heading (EXCLUDED), with their reason printed too.
+reason is printed. docs/fleet.md (a Ray cluster, a PostgreSQL host and S3 on several nodes) is not run:
+tests/test_ray_serve.py, test_fleet_servers.py and test_dev_fleet.py cover what it shows.
 
 The blocks run under ``set -euo pipefail``: the first command that fails ends the run, and the test
 fails naming its block. A server a block starts in the background (``medlego serve … &``) is stopped
@@ -30,14 +31,12 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 MARKER = re.compile(r"^<!--\s*not run in CI:\s*(.+?)\s*-->$")
 RUN_LANGS = ("bash", "sh", "shell", "python")
-SECTIONS = ("Two-minute quickstart", "Serving")  # the ## sections whose blocks run
-EXCLUDED = {  # ### subsections of those left out, and why
-    ("Serving", "Ray Serve"): "needs vit_base weights and a Ray cluster (tests/test_ray_serve.py covers Ray Serve)",
-    ("Serving", "A fleet"): "needs a PostgreSQL host, an S3 bucket and several nodes (tests/test_fleet_servers.py)",
-}
+# the documents whose blocks run, in this order, and which of their ## sections (None: all of them)
+DOCUMENTS = ((README, ("Two-minute quickstart", "Serving in one minute")), (ROOT / "docs" / "serving.md", None))
 PORTS = (8000, 50051)  # what the README's examples use, as a user types them
 DEMO_ANSWER = re.compile(r"^answer \(HTTP 200\): (?:top label: (?P<top>.+); true label: (?P<truth>.+)"
                          r"|labels above 0\.5: (?P<found>.+); true labels: (?P<present>.+)) \[(?P<mark>right|wrong)\]$",
@@ -48,6 +47,7 @@ DEMO_SCORE = re.compile(r"^  (?P<adapter>\S+) on '(?P<task>\S+)': (?:label-wise 
 
 @dataclass
 class Block:
+    path: Path  # the document
     line: int  # of the opening fence, 1-based
     lang: str
     heading: str
@@ -55,13 +55,14 @@ class Block:
     skip: str | None  # the marker's reason
 
 
-def readme_blocks() -> list[Block]:
-    """Every fenced block of README.md with its ## / ### heading and its not-run marker, if any."""
+def readme_blocks(path: Path = README) -> list[Block]:
+    """Every fenced block of a document with its ## / ### heading and its not-run marker, if any."""
     blocks, h2, h3, fence, prev = [], "", "", None, ""
-    for n, line in enumerate(README.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text().splitlines(), 1):
         if fence is not None:
             if line.startswith("```"):
-                blocks.append(Block(fence[0], fence[1], f"{h2} / {h3}" if h3 else h2, "\n".join(fence[2]), fence[3]))
+                blocks.append(Block(path, fence[0], fence[1], f"{h2} / {h3}" if h3 else h2, "\n".join(fence[2]),
+                                    fence[3]))
                 fence = None
             else:
                 fence[2].append(line)
@@ -75,19 +76,18 @@ def readme_blocks() -> list[Block]:
             h3 = line[4:].strip()
         if line.strip():
             prev = line
-    assert fence is None, f"README.md: the block opened on line {fence[0]} is never closed"
+    assert fence is None, f"{path.name}: the block opened on line {fence[0]} is never closed"
     return blocks
 
 
 def selected() -> tuple[list[Block], list[tuple[Block, str]]]:
     """(the blocks to run, in order; the blocks left out with their reasons)."""
     run, left_out = [], []
-    for b in readme_blocks():
-        h2, _, h3 = b.heading.partition(" / ")
-        if h2 not in SECTIONS or b.lang not in RUN_LANGS:
-            continue
-        reason = EXCLUDED.get((h2, h3)) or b.skip
-        (left_out.append((b, reason)) if reason else run.append(b))
+    for path, sections in DOCUMENTS:
+        for b in readme_blocks(path):
+            if (sections is not None and b.heading.partition(" / ")[0] not in sections) or b.lang not in RUN_LANGS:
+                continue
+            (left_out.append((b, b.skip)) if b.skip else run.append(b))
     return run, left_out
 
 
@@ -108,7 +108,7 @@ def _script(blocks: list[Block], work: Path) -> str:
              # a failed block leaves the server it started: stop it, so that the run ends now
              "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT"]
     for i, b in enumerate(blocks, 1):
-        parts.append(f"BLOCK={shlex.quote(f'{i} (README.md line {b.line}, {b.heading})')}")
+        parts.append(f"BLOCK={shlex.quote(f'{i} ({b.path.relative_to(ROOT)} line {b.line}, {b.heading})')}")
         parts.append(f'echo "@@ block $BLOCK"')
         if b.lang == "python":
             code = work.parent / f"block{i}.py"
@@ -166,15 +166,15 @@ def _run(command: str, cwd: Path, timeout: float, prefix: list[str]) -> tuple[in
 
 def test_readme_has_blocks_to_run_and_marks_the_rest():
     run, left_out = selected()
-    headings = {b.heading for b in run}
-    assert any(h.startswith("Two-minute quickstart") for h in headings)
-    for sub in ("Start a server", "REST", "gRPC"):
-        assert f"Serving / {sub}" in headings, sub
+    headings = {(b.path.name, b.heading.partition(" / ")[0]) for b in run}
+    assert ("README.md", "Two-minute quickstart") in headings and ("README.md", "Serving in one minute") in headings
+    for sub in ("Start a server", "REST", "gRPC", "Open Inference Protocol (KServe v2)"):
+        assert ("serving.md", sub) in headings, sub
     text = "\n".join(b.text for b in run)
     assert "grpcurl" not in text, "README examples use only what the install provides: medlego client"
     assert "medlego samples -o" in text and "medlego client" in text and "kill %1" in text
     for b, reason in left_out:
-        print(f"not run: README.md line {b.line} ({b.heading}): {reason}")
+        print(f"not run: {b.path.name} line {b.line} ({b.heading}): {reason}")
 
 
 @pytest.mark.timeout(2700)  # ~4 min on an idle 2-core machine; the demo's training is much slower on a shared one
@@ -185,7 +185,7 @@ def test_readme_blocks_run_as_written(tmp_path):
         assert not busy, f"ports {busy} are in use on this machine; the README's examples serve on them"
     run, left_out = selected()
     for b, reason in left_out:
-        print(f"not run: README.md line {b.line} ({b.heading}): {reason}")
+        print(f"not run: {b.path.name} line {b.line} ({b.heading}): {reason}")
     work = tmp_path / "fresh"
     work.mkdir()
 
@@ -211,7 +211,7 @@ def test_readme_blocks_run_as_written(tmp_path):
 
     # then every selected block, in order, in one shell
     rc, out, blocks_s = _run(_script(run, work), work, timeout=900, prefix=network)
-    print(f"{len(run)} README blocks: {blocks_s:.0f} s")
+    print(f"{len(run)} blocks of README.md and docs/serving.md: {blocks_s:.0f} s")
     failed = re.search(r"^@@ FAILED: .*$", out, re.M)
     assert rc == 0 and "@@ all blocks ran" in out, (failed.group(0) if failed else f"exit {rc}") + "\n" + out[-6000:]
     assert "\r" not in out, "progress output in a pipe must not use carriage returns"

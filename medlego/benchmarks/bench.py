@@ -435,16 +435,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny model, small counts: a CI-sized run (< 1 min)")
     p.add_argument("--model", help="timm ViT name (default vit_small_patch16_224; --quick: vit_tiny at 32 px)")
     p.add_argument("--weights", help="base weights file (default: a random-init base written to a temp folder)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
     p.add_argument("--kernel", choices=["auto", "fused", "split", "torch"], default="auto",
                    help="the engine's qkv path (auto: measured per batch size on CUDA, the reference on CPU)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the trunk from CUDA graphs (CUDA only)")
-    p.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8,32")
-    p.add_argument("--repeats", type=int)
+    p.add_argument("--batch-sizes", help="comma-separated images per batch (default 1,8,32; --quick: 1,4)")
+    p.add_argument("--repeats", type=int, help="timed repetitions per measurement (default 3; --quick: 2)")
     p.add_argument("--http", metavar="URL", help="also measure POST /v1/diagnose latency against this server")
     p.add_argument("--http-adapter", metavar="NAME", help="adapter to name in the HTTP requests")
     p.add_argument("--out", default=None, metavar="DIR", help="folder for bench.json, bench.md, bench.png " + OUT_HELP[len("folder for the results "):])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off in a pipe anyway)")
 
 
 def run_from_args(a) -> int:

@@ -12,9 +12,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("merge", help="merge adapters into one that carries every source task (no training)")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="adapter files or registered NAME[@VERSION]")
-    p.add_argument("-o", "--output", required=True, metavar="FILE")
-    p.add_argument("--method", default="med-lego", choices=METHODS)
-    p.add_argument("--data-dir", metavar="DIR", help="registry folder for registered names")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="merged adapter file to write (.safetensors)")
+    p.add_argument("--method", default="med-lego", choices=METHODS, help="merge method (see README, Merging)")
+    p.add_argument("--data-dir", metavar="DIR", help="registry folder for registered names (default $MEDLEGO_DATA_DIR or ~/.medlego)")
     p.add_argument("--task-names", help="comma-separated new names for all source tasks, in order")
     g = p.add_argument_group("method parameters")
     g.add_argument("--threshold", type=float, help="med-lego: keep singular values up to this share of their sum (default 0.997)")

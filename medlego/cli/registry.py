@@ -17,7 +17,7 @@ def register(sub) -> None:
     add.add_argument("file", metavar="ADAPTER_FILE", help=".safetensors adapter file")
     add.add_argument("--alias", action="append", default=[], help="also point this alias at the new version")
     add.add_argument("--move-aliases", action="store_true", help="move an --alias that already points elsewhere")
-    add.add_argument("--max-rank", type=int, default=None, help="refuse adapters above this rank")
+    add.add_argument("--max-rank", type=int, default=None, help="refuse adapters above this rank (default: no limit here; a server refuses or truncates what is above its own [engine] max_rank)")
     add_base_args(add, required=False)
     add.set_defaults(func=_add)
 

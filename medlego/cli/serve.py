@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from medlego.runtime.config import BatchingConfig, EngineConfig
+
 from .common import add_base_args, add_registry_args
 
 
@@ -21,35 +23,39 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, help="REST port (default 8000)")
     p.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
     p.add_argument("--no-grpc", action="store_true", help="serve REST only")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 …")
+    p.add_argument("--device", help=f"cpu, cuda, cuda:1 … ([engine] device; default {EngineConfig.device})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--kernel", choices=["auto", "fused", "split", "torch", "triton"],
                    help="qkv + LoRA path: auto (measured per batch size on CUDA, kept in DATA_DIR/kernel_choice.json; "
                         "the PyTorch reference on CPU), fused (one Triton launch), split (cuBLAS + Triton shrink/expand), "
-                        "torch (the reference); triton = fused")
+                        f"torch (the reference); triton = fused ([engine] kernel; default {EngineConfig.kernel})")
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="replay the adapted trunk from CUDA graphs per power-of-two batch bucket (CUDA, Triton kernel)")
-    p.add_argument("--slots", type=int, help="adapters resident on the device at once")
+    p.add_argument("--slots", type=int,
+                   help=f"adapters resident on the device at once ([engine] slots; default {EngineConfig.slots})")
     p.add_argument("--max-rank", type=int, help="the largest adapter rank served ([engine] max_rank; default 16)")
     p.add_argument("--over-rank", choices=["refuse", "truncate"],
                    help="an adapter above --max-rank: refuse it (default), or serve its top --max-rank singular "
                         "directions, reporting the dropped share of singular-value mass ([engine] over_rank)")
-    p.add_argument("--max-batch", type=int, help="images per engine batch")
-    p.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill")
-    p.add_argument("--max-queue", type=int, help="queued requests before 503")
+    p.add_argument("--max-batch", type=int,
+                   help=f"images per engine batch ([batching] max_batch; default {BatchingConfig.max_batch})")
+    p.add_argument("--max-wait-ms", type=float,
+                   help=f"how long a batch waits to fill ([batching] max_wait_ms; default {BatchingConfig.max_wait_ms:g})")
+    p.add_argument("--max-queue", type=int,
+                   help=f"queued requests before 503 ([batching] max_queue; default {BatchingConfig.max_queue})")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                    help="server log level (default info)")
     r = p.add_argument_group("Ray Serve")
     r.add_argument("--ray", action="store_true", help="start a local Ray cluster and deploy with Ray Serve")
     r.add_argument("--replicas", type=int, default=None, help="engine replicas, a fixed count (--ray; default 1)")
-    r.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas (--ray)")
-    r.add_argument("--max-replicas", type=int, help="autoscaling's upper bound (--ray)")
+    r.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas (--ray; default 1)")
+    r.add_argument("--max-replicas", type=int, help="autoscaling's upper bound (--ray; default: --min-replicas)")
     r.add_argument("--target-ongoing-requests", type=float, default=None,
                    help="autoscaling's target of requests in flight per replica (--ray; default: --max-batch)")
     r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per replica (--ray)")
     r.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (--ray)")
     r.add_argument("--torch-threads", type=int, help="engine threads per replica (--ray; default: --replica-cpus)")
-    r.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster (--ray)")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster (--ray; default: all of this machine's)")
     p.set_defaults(func=_run)
 
 

@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--max-train", type=int, help="use only the first N training images")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on cuda)")
     p.add_argument("--init-adapter", metavar="FILE_OR_NAME", help="start from this (merged) adapter's A, E, B")
-    p.add_argument("--data-dir", metavar="DIR", help="registry folder for --init-adapter names")
+    p.add_argument("--data-dir", metavar="DIR", help="registry folder for --init-adapter names (default $MEDLEGO_DATA_DIR or ~/.medlego)")
     p.add_argument("--workdir", metavar="DIR", help="checkpoints + metrics log (default: OUTPUT.work/)")
     p.add_argument("--resume", action="store_true", help="continue from the last epoch's checkpoint in --workdir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is not a terminal)")

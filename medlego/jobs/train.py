@@ -27,7 +27,7 @@ from medlego.runtime.adapter import _TASK_NAME  # the file format's rule for tas
 from medlego.runtime.base import BaseModel
 from medlego.runtime.errors import BadInputError
 from medlego.runtime.lora import TrainableSVDLoRA
-from medlego.runtime.model import AdaptedViT
+from medlego.runtime.model import AdaptedViT, label_probabilities
 
 from .datasets import Dataset, normalise
 from .metrics import metrics_for
@@ -142,7 +142,7 @@ class _Trainer:
         probs = []
         for i in range(0, len(split), self.cfg.eval_batch_size):
             logits = self.forward(split.images[i:i + self.cfg.eval_batch_size])
-            probs.append(torch.sigmoid(logits) if self.data.multilabel else torch.softmax(logits, -1))
+            probs.append(label_probabilities(logits, self.data.multilabel))
         return metrics_for(torch.cat(probs).cpu(), split.labels, self.data.multilabel)
 
     def key_metric(self, m: dict) -> float:

@@ -33,7 +33,7 @@ from .errors import (AdapterFormatError, AdapterNumericError, BadInputError, Con
                      OverloadedError, StorageUnavailableError)
 from .kernel_choice import KernelChoice, batch_bucket, batch_buckets, measurement_case
 from .lora import PackedSource, pack_adapter
-from .model import AdaptedViT
+from .model import AdaptedViT, probabilities
 from .pool import AdapterPool, HostAdapter
 from .registry import Entry, Registry
 
@@ -78,12 +78,13 @@ class ResolvedAdapter:
 
 @dataclass
 class Diagnosis:
-    adapter: str | None
-    version: int | None
-    sha256: str | None
-    task: str | None
-    probabilities: dict[str, float] | None  # every label of the task -> probability
-    top: list[tuple[str, float]] | None
+    # None for an image served without an adapter (then `embedding` holds its features)
+    adapter: str | None = None
+    version: int | None = None
+    sha256: str | None = None
+    task: str | None = None
+    probabilities: dict[str, float] | None = None  # every label of the task -> probability
+    top: list[tuple[str, float]] | None = None
     multilabel: bool = False
     embedding: list[float] | None = None  # only for images served without an adapter
     timings: dict[str, float] = field(default_factory=dict)
@@ -400,7 +401,7 @@ class Engine:
         for (sha, task_name), idx in groups.items():
             w, b = hosts[sha].heads[task_name]
             logits = torch.nn.functional.linear(feats[idx], w.float(), b.float())
-            p = torch.sigmoid(logits) if reqs[idx[0]].task.multilabel else torch.softmax(logits, dim=-1)
+            p = probabilities(logits, reqs[idx[0]].task)
             for j, n in enumerate(idx):
                 probs[n] = p[j]
         return probs
@@ -408,7 +409,7 @@ class Engine:
     def _diagnosis(self, r: Request, feats: torch.Tensor, p: torch.Tensor | None,
                    timings: dict[str, float]) -> Diagnosis | Exception:
         if r.adapter is None or r.task is None or p is None:
-            return Diagnosis(None, None, None, None, None, None, embedding=feats.tolist(), timings=timings)
+            return Diagnosis(embedding=feats.tolist(), timings=timings)  # no adapter: the features alone
         p = p.cpu()
         if not bool(torch.isfinite(p).all()):  # never answer NaN: this adapter is numerically broken here
             return AdapterNumericError(f"adapter {r.adapter.ref} produced non-finite probabilities for task "

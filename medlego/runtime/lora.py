@@ -146,7 +146,7 @@ class PackedSource:
 class TrainableSVDLoRA(nn.Module):
     """One adapter's trainable A, E, B for every block's Q and V (packed, a single slot).
 
-    Init (DESIGN.md): E = 0, A and B Gaussian, so ΔW = 0 at the start. ``ranks`` [L, 2] records
+    Init (the Med-LEGO paper's SVD-LoRA): E = 0, A and B Gaussian, so ΔW = 0 at the start. ``ranks`` [L, 2] records
     each matrix's real rank when started from an adapter with mixed ranks: the padded rows stay
     exactly zero (their gradients are zero) and are masked out of the regulariser.
     """
@@ -187,7 +187,7 @@ class TrainableSVDLoRA(nn.Module):
         return (idx.view(1, 1, -1) < self.ranks.unsqueeze(-1)).to(self.A.dtype)
 
     def orthogonality_penalty(self) -> torch.Tensor:
-        """Σ over adapted matrices of ‖BᵀB − I‖²_F + ‖AAᵀ − I‖²_F (AdaLoRA-style, DESIGN.md)."""
+        """Σ over adapted matrices of ‖BᵀB − I‖²_F + ‖AAᵀ − I‖²_F (AdaLoRA-style, as Med-LEGO trains)."""
         mask = self.rank_mask()  # [L, 2, R]
         eye = torch.diag_embed(mask)  # identity on the real ranks only
         outer = mask.unsqueeze(-1) * mask.unsqueeze(-2)

@@ -10,7 +10,7 @@ QR both (P = Q_p R_p, Qᵀ = Q_q R_q), SVD the Σr × Σr core R_p R_qᵀ = U S 
 task arithmetic, Iso-C and TSV-Merge are computed this way, equal to their dense definitions (the
 dense paths are in ``benchmarks/merge_dense.py``, compared in ``tests/test_merge_factor.py``).
 
-* **Med-LEGO** (DESIGN.md): SVD of Σ_i w_i ΔW_i (w_i = 1/N by default), keep the smallest k whose
+* **Med-LEGO** (the Med-LEGO paper; docs/training-and-merging.md): SVD of Σ_i w_i ΔW_i (w_i = 1/N by default), keep the smallest k whose
   cumulative singular-value sum reaches v·total.
 * **Iso-C** (Marczak et al. 2025, official ``iso.py``): the SVD of the summed ΔW with every singular
   value replaced by α · their mean, the mean taken over all min(d_out, d_in) of them as the official

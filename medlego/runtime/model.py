@@ -37,9 +37,15 @@ def head_logits(features: torch.Tensor, head: Head) -> torch.Tensor:
     return torch.nn.functional.linear(features, head.weight.to(features), head.bias.to(features))
 
 
+def label_probabilities(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """The one probability rule (serving, evaluation and training alike): a sigmoid per label for a
+    multi-label task (its labels are independent), a softmax over the classes otherwise."""
+    return torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=-1)
+
+
 def probabilities(logits: torch.Tensor, task: TaskSpec) -> torch.Tensor:
-    """Per-label sigmoid for multi-label tasks, softmax otherwise."""
-    return torch.sigmoid(logits) if task.multilabel else torch.softmax(logits, dim=-1)
+    """:func:`label_probabilities` for `task`."""
+    return label_probabilities(logits, task.multilabel)
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """The one serving contract: what every front door (REST, gRPC, Ray's proxies) calls.
 
 :class:`DiagnosisAPI` is implemented twice — by the in-process :class:`~.service.DiagnosisService`
-(one engine in this process) and by the Ray ingress's :class:`~.ray_app.RayFrontend` (engines in
+(one engine in this process) and by the Ray ingress's :class:`~.ray_frontend.RayFrontend` (engines in
 replicas) — and the REST app and the gRPC servicer are each written once against it. Every method
 is a coroutine; every expected failure is a :class:`~medlego.runtime.errors.MedlegoError`, whose
 class decides the answer on every transport (``runtime/errors.py``). Answers are the JSON the
-REST API returns; the gRPC layer converts them to protobuf.
+REST API returns; the gRPC layer converts them to protobuf. The registry writes are grouped under
+``api.admin`` (:class:`AdminAPI`). ``tests/test_contract.py`` checks both implementations against
+these protocols, method by method and signature by signature.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from .auth import Auth
 # The registry writes; each is a method of the contract and needs the admin token.
 ADMIN_OPERATIONS = ("register", "delete", "pin", "unpin", "set_alias", "remove_alias", "merge")
 
+# audit rows in one answer (GET /v1/audit, QueryAudit): an answer is built in one piece, so it is bounded
+MAX_AUDIT_PAGE = 1000
+
 
 @dataclass
 class DiagnoseItem:
@@ -33,6 +38,9 @@ class DiagnoseItem:
     task: str | None = None
     top_k: int | None = None
     pixels: Any = None  # numpy float32 [3, S, S] or None (numpy is not imported by the contract)
+    # the adapter already resolved by whoever routed the item (a Ray replica: the ingress's resolve
+    # plus the multiplexed loader's host copy), an engine ResolvedAdapter; None: resolve `adapter`
+    resolved: Any = None
 
 
 @dataclass
@@ -49,20 +57,9 @@ class MergeSpec:
 
 
 @runtime_checkable
-class DiagnosisAPI(Protocol):
-    limits: Limits
-    auth: Auth
+class AdminAPI(Protocol):
+    """The registry writes (admin token): ADMIN_OPERATIONS."""
 
-    # diagnosis (API token)
-    async def diagnose(self, item: DiagnoseItem, api: str) -> dict: ...
-    async def diagnose_many(self, items: list[DiagnoseItem], api: str) -> list[dict]: ...
-
-    # registry reads (API token)
-    async def list_adapters(self) -> dict: ...
-    async def describe(self, ref: str) -> dict: ...
-    async def aliases(self) -> dict[str, str]: ...
-
-    # registry writes (admin token): ADMIN_OPERATIONS
     async def register(self, name: str, data: bytes, aliases: list[str], move_aliases: bool = False) -> dict: ...
     async def delete(self, ref: str, all_versions: bool = False) -> list[str]: ...
     async def pin(self, ref: str) -> dict: ...
@@ -70,6 +67,29 @@ class DiagnosisAPI(Protocol):
     async def set_alias(self, alias: str, target: str) -> dict: ...
     async def remove_alias(self, alias: str) -> None: ...
     async def merge(self, spec: MergeSpec) -> dict: ...
+
+
+@runtime_checkable
+class DiagnosisAPI(Protocol):
+    limits: Limits
+    auth: Auth
+
+    @property
+    def admin(self) -> AdminAPI: ...  # the registry writes (read-only here: each implementation has its own kind)
+
+    # diagnosis (API token)
+    async def diagnose(self, item: DiagnoseItem, api: str = "rest") -> dict: ...
+    async def diagnose_many(self, items: list[DiagnoseItem], api: str = "rest") -> list[dict]: ...
+
+    # registry reads (API token)
+    async def list_adapters(self) -> dict: ...
+    async def describe(self, ref: str) -> dict: ...
+    async def aliases(self) -> dict[str, str]: ...
+
+    # the audit trail (audit role): rows matching filters of runtime/registry/audit.query
+    async def audit_rows(self, **filters: Any) -> list[dict]: ...
+    # a request answered `status` >= 400 by a stage no recorder saw (the transports' refusal recorder)
+    def refused_at(self, status: int, **fields: Any) -> None: ...
 
     # ops
     async def health(self) -> dict: ...

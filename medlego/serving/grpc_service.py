@@ -25,7 +25,8 @@ from medlego.runtime.errors import BadInputError, MedlegoError, answer_of
 
 from . import medlego_pb2 as pb
 from . import medlego_pb2_grpc as pb_grpc
-from .contract import DiagnoseItem, DiagnosisAPI, MergeSpec
+from .contract import MAX_AUDIT_PAGE, DiagnoseItem, DiagnosisAPI, MergeSpec
+from .limits import upload_limit, valid_request_id
 
 log = logging.getLogger("medlego.serving")
 
@@ -76,7 +77,7 @@ def request_id_of(metadata) -> str:
     for key, value in metadata or ():
         if key == "x-request-id":
             value = value if isinstance(value, str) else value.decode("latin-1")
-            if 0 < len(value) <= 128 and all(c.isascii() and (c.isalnum() or c in "._:-") for c in value):
+            if valid_request_id(value):
                 return value
     return uuid.uuid4().hex
 
@@ -123,19 +124,19 @@ class MedlegoRPC:
 
     async def RegisterAdapter(self, req: pb.RegisterAdapterRequest, authorization: str | None) -> pb.AdapterInfo:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/RegisterAdapter")
-        return adapter_proto(await self.api.register(req.name, bytes(req.data), list(req.aliases), req.move_aliases))
+        return adapter_proto(await self.api.admin.register(req.name, bytes(req.data), list(req.aliases), req.move_aliases))
 
     async def DeleteAdapter(self, req: pb.DeleteAdapterRequest, authorization: str | None) -> pb.DeleteAdapterResponse:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/DeleteAdapter")
-        return pb.DeleteAdapterResponse(deleted=await self.api.delete(req.ref, req.all_versions))
+        return pb.DeleteAdapterResponse(deleted=await self.api.admin.delete(req.ref, req.all_versions))
 
     async def PinAdapter(self, req: pb.DescribeAdapterRequest, authorization: str | None) -> pb.AdapterInfo:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/PinAdapter")
-        return adapter_proto(await self.api.pin(req.ref))
+        return adapter_proto(await self.api.admin.pin(req.ref))
 
     async def UnpinAdapter(self, req: pb.DescribeAdapterRequest, authorization: str | None) -> pb.AdapterInfo:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/UnpinAdapter")
-        return adapter_proto(await self.api.unpin(req.ref))
+        return adapter_proto(await self.api.admin.unpin(req.ref))
 
     async def ListAliases(self, req: pb.ListAliasesRequest, authorization: str | None) -> pb.ListAliasesResponse:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/ListAliases")
@@ -143,18 +144,18 @@ class MedlegoRPC:
 
     async def SetAlias(self, req: pb.SetAliasRequest, authorization: str | None) -> pb.SetAliasResponse:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/SetAlias")
-        return pb.SetAliasResponse(**await self.api.set_alias(req.alias, req.target))
+        return pb.SetAliasResponse(**await self.api.admin.set_alias(req.alias, req.target))
 
     async def RemoveAlias(self, req: pb.RemoveAliasRequest, authorization: str | None) -> pb.RemoveAliasResponse:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/RemoveAlias")
-        await self.api.remove_alias(req.alias)
+        await self.api.admin.remove_alias(req.alias)
         return pb.RemoveAliasResponse(removed=req.alias)
 
     async def MergeAdapters(self, req: pb.MergeAdaptersRequest, authorization: str | None) -> pb.AdapterInfo:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/MergeAdapters")
         spec = MergeSpec(req.name, list(req.sources), req.method or "med-lego", _params(req.params_json),
                          list(req.aliases), list(req.task_names) or None, req.move_aliases)
-        return adapter_proto(await self.api.merge(spec))
+        return adapter_proto(await self.api.admin.merge(spec))
 
     async def Health(self, req: pb.HealthRequest, authorization: str | None) -> pb.HealthResponse:
         h = await self.api.health()
@@ -166,11 +167,11 @@ class MedlegoRPC:
 
     async def QueryAudit(self, req: pb.AuditRequest, authorization: str | None) -> pb.AuditResponse:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/QueryAudit")
-        if req.limit > 1000:  # as GET /v1/audit: the answer is built in one piece, so it is bounded
-            raise BadInputError("'limit' must be at most 1000")
+        if req.limit > MAX_AUDIT_PAGE:  # as GET /v1/audit: the answer is built in one piece, so it is bounded
+            raise BadInputError(f"'limit' must be at most {MAX_AUDIT_PAGE}")
         rows = await self.api.audit_rows(since=req.since or None, until=req.until or None, adapter=req.adapter or None,
                                          caller=req.caller or None, image_sha256=req.image_sha256 or None,
-                                         kind=req.kind or None, limit=req.limit or 1000)
+                                         kind=req.kind or None, limit=req.limit or MAX_AUDIT_PAGE)
         return await asyncio.get_running_loop().run_in_executor(  # serialised off the event loop
             None, lambda: pb.AuditResponse(rows_json=[json.dumps(r, sort_keys=True) for r in rows]))
 
@@ -221,7 +222,7 @@ class MedlegoServicer(RpcMethods, pb_grpc.MedlegoServicer):
 
 def build_grpc_server(api: DiagnosisAPI, host: str, port: int) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """A grpc.aio server (not started) with Medlego, health and reflection; returns (server, bound port, health)."""
-    limit = max(api.limits.max_body_bytes, api.limits.max_adapter_bytes + 1024 * 1024)
+    limit = upload_limit(api.limits)  # the same bound as REST's upload route
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit),
                                       ("grpc.so_reuseport", 0)])

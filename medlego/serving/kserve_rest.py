@@ -20,52 +20,33 @@ like ``/healthz``. The body is parsed and its tensors built in a worker thread, 
 from __future__ import annotations
 
 import json
-import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medlego.runtime.errors import BadInputError, MedlegoError, OverloadedError, PayloadTooLargeError, answer_of
+from medlego.runtime.errors import BadInputError, MedlegoError, PayloadTooLargeError
 
 from . import kserve
 from . import limits as checks
 from .contract import DiagnosisAPI
+from .http_errors import error_status_headers
 
-log = logging.getLogger("medlego.serving")
 
 HEADER_LENGTH = "inference-header-content-length"
 
 
 def v2_error(e: BaseException) -> JSONResponse:
-    """The protocol's error body, with the status (and headers) of the error's class."""
-    status = answer_of(e)[0]
-    if not isinstance(e, MedlegoError):
-        log.error("internal error", exc_info=e)
-    headers = {}
-    if isinstance(e, OverloadedError):
-        headers["Retry-After"] = str(e.retry_after_s)
-    if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
+    """The protocol's error body, with the status and headers of the error's class (http_errors.py)."""
+    status, headers = error_status_headers(e)
     return JSONResponse({"error": kserve.error_message(e)}, status_code=status, headers=headers)
 
 
 def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
     """Serve /v2 from `app`: the protocol's routes in a sub-application (its own error format)."""
     v2 = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-
-    @v2.exception_handler(MedlegoError)
-    async def _expected(request: Request, e: MedlegoError):
-        return v2_error(e)
-
-    @v2.exception_handler(Exception)
-    async def _any(request: Request, e: Exception):
-        return v2_error(e)
-
-    @v2.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException):
-        return JSONResponse({"error": f"{e.detail}: {request.method} {request.url.path}"}, status_code=e.status_code)
+    _add_error_handlers(v2)
 
     def auth(request: Request, route: str) -> None:
         """The check of `route` (the v2 template, e.g. "GET /models/{model}") in the one role table (auth.py ROUTES)."""
@@ -119,6 +100,20 @@ def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
         v2.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
         v2.add_api_route(prefix + "/infer", model_infer, methods=["POST"])
     app.mount("/v2", v2)
+
+
+def _add_error_handlers(v2: FastAPI) -> None:
+    @v2.exception_handler(MedlegoError)
+    async def _expected(request: Request, e: MedlegoError):
+        return v2_error(e)
+
+    @v2.exception_handler(Exception)
+    async def _any(request: Request, e: Exception):
+        return v2_error(e)
+
+    @v2.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return JSONResponse({"error": f"{e.detail}: {request.method} {request.url.path}"}, status_code=e.status_code)
 
 
 # -- the infer body ----------------------------------------------------------------------------------

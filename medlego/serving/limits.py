@@ -87,6 +87,26 @@ def check_batch(limits: Limits, n: int) -> None:
         raise PayloadTooLargeError(f"{n} images in one batch; the limit is {limits.max_batch_images}")
 
 
+ADAPTER_ENVELOPE = 1024 * 1024  # an adapter upload's multipart or protobuf framing around the file
+
+
+def upload_limit(limits: Limits) -> int:
+    """The largest request a route that takes an adapter upload accepts: REST's ``/v1/adapters`` body
+    and every gRPC message (one gRPC server takes uploads and images alike)."""
+    return max(limits.max_body_bytes, limits.max_adapter_bytes + ADAPTER_ENVELOPE)
+
+
+def body_limit(limits: Limits, path: str) -> int:
+    """The largest HTTP request body at `path` (BodyLimitMiddleware refuses more before reading it)."""
+    return upload_limit(limits) if path.startswith("/v1/adapters") else limits.max_body_bytes
+
+
+def valid_request_id(value: str) -> bool:
+    """A client's request id (``X-Request-ID`` header, ``x-request-id`` gRPC metadata) worth keeping:
+    1-128 of ``A-Za-z0-9._:-``; anything else is replaced by a fresh id."""
+    return 0 < len(value) <= 128 and all(c.isascii() and (c.isalnum() or c in "._:-") for c in value)
+
+
 def check_adapter_bytes(limits: Limits, data: bytes) -> None:
     if not data:
         raise BadInputError("empty adapter upload: send the .safetensors file content")

@@ -262,9 +262,6 @@ class Registry:
         version = self._index.write(write)
         return Entry(name, version, sha, len(data), created, False, meta["tasks"], meta)
 
-    def register_file(self, name: str, path: str | os.PathLike, aliases=(), **kwargs) -> Entry:
-        return self.register(name, Path(path).read_bytes(), aliases, **kwargs)
-
     def delete(self, name: str, version: int | None = None) -> list[Entry]:
         """Delete one version (or every version when None). Refused while pinned or aliased."""
         check_name(name)
