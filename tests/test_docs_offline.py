@@ -47,3 +47,19 @@ def test_only_the_page_s_own_assets_are_served(url):
     assert httpx.get(url + "/docs/assets/index.html", timeout=30).status_code == 404  # it would load a public demo API
     assert httpx.get(url + "/docs/assets/..%2Fserver.py", timeout=30).status_code == 404
     assert httpx.get(url + "/redoc", timeout=30).status_code == 404  # ReDoc would need a CDN
+
+
+def test_the_openapi_document_covers_v1_and_v2(url):
+    """The Open Inference Protocol routes (mounted at /v2) are in /openapi.json beside /v1, with every
+    merge method the server knows."""
+    from medlego.runtime.adapter_merge import METHODS
+
+    doc = httpx.get(url + "/openapi.json", timeout=30).json()
+    paths = doc["paths"]
+    for path in ("/v1/diagnose", "/v1/adapters", "/v2", "/v2/health/live", "/v2/health/ready",
+                 "/v2/models/{model}", "/v2/models/{model}/ready", "/v2/models/{model}/infer",
+                 "/v2/models/{model}/versions/{version}/infer"):
+        assert path in paths, (path, sorted(paths))
+    assert "requestBody" in paths["/v2/models/{model}/infer"]["post"]
+    merge = paths["/v1/merge"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(merge["properties"]["method"]["enum"]) == set(METHODS)

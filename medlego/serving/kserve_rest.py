@@ -57,15 +57,15 @@ def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
 
     app.add_api_route("/v2", server_metadata, methods=["GET"], tags=["v2"], summary="Open Inference Protocol: server metadata")
 
-    @v2.get("/")
+    @v2.get("/", include_in_schema=False)
     async def _server_metadata():
         return await server_metadata()
 
-    @v2.get("/health/live")
+    @v2.get("/health/live", tags=["v2"], summary="Open Inference Protocol: liveness")
     async def live():
         return Response(status_code=200)
 
-    @v2.get("/health/ready")
+    @v2.get("/health/ready", tags=["v2"], summary="Open Inference Protocol: readiness")
     async def ready():
         return Response(status_code=200 if await kserve.server_ready(service) else 503)
 
@@ -96,10 +96,41 @@ def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
             return v2_error(e)
 
     for prefix in ("/models/{model}", "/models/{model}/versions/{version}"):
-        v2.add_api_route(prefix, model_metadata, methods=["GET"])
-        v2.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
-        v2.add_api_route(prefix + "/infer", model_infer, methods=["POST"])
+        v2.add_api_route(prefix, model_metadata, methods=["GET"], tags=["v2"],
+                         summary="Model metadata: an adapter (or alias) is a model, its registry version the version")
+        v2.add_api_route(prefix + "/ready", model_ready, methods=["GET"], tags=["v2"], summary="Model readiness")
+        v2.add_api_route(prefix + "/infer", model_infer, methods=["POST"], tags=["v2"], openapi_extra=_INFER_BODY,
+                         summary="Inference: `image` (BYTES) or `pixel_values` (FP32) [+ `task`] -> `probabilities`")
     app.mount("/v2", v2)
+    _document_v2(app, v2)
+
+
+_INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "inputs": {"type": "array", "items": {"type": "object"}},
+        "outputs": {"type": "array", "items": {"type": "object"}}, "parameters": {"type": "object"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": "the binary tensor extension (Inference-Header-Content-Length)"}}}}}
+
+
+def _document_v2(app: FastAPI, v2: FastAPI) -> None:
+    """The mounted /v2 app's routes in the main app's OpenAPI document (FastAPI leaves a mount out of it)."""
+    from fastapi.openapi.utils import get_openapi
+
+    main_openapi = app.openapi
+
+    def openapi_with_v2() -> dict:
+        if app.openapi_schema is None:
+            schema = main_openapi()
+            sub = get_openapi(title="v2", version=kserve.server_version(), routes=v2.routes)
+            for path, item in sub.get("paths", {}).items():
+                schema["paths"]["/v2" + path] = item
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                sub.get("components", {}).get("schemas", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi_with_v2
 
 
 def _add_error_handlers(v2: FastAPI) -> None:
