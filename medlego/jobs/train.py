@@ -274,7 +274,7 @@ def _train(base, data, cfg, init, workdir, resume, log) -> TrainResult:
                     "tensors": {k: v for k, v in tr.state_tensors().items() if not k.startswith("opt.")}}
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {stats['train_loss']:.4f}, val acc {val['accuracy']:.4f}, "
             f"val auc {val['auc']:.4f} ({stats['seconds']:.1f}s)")
-        if work:
+        if work and ckpt is not None:
             with open(work / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             tr.save_checkpoint(ckpt, epoch + 1, best, history)

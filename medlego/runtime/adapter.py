@@ -325,7 +325,7 @@ def read_header(data: bytes) -> dict:
     try:
         header = json.loads(data[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"not a safetensors file: header is not JSON ({e.msg if hasattr(e, 'msg') else e})")
+        raise AdapterFormatError(f"not a safetensors file: header is not JSON ({e.msg if isinstance(e, json.JSONDecodeError) else e})")
     except (RecursionError, ValueError):  # nested beyond the parser's depth, or an integer of thousands of digits
         raise AdapterFormatError("not a safetensors file: header JSON is nested too deeply or holds oversized numbers") from None
     if not isinstance(header, dict):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,7 +253,7 @@ def read_toml(path: str | os.PathLike, what: str) -> dict:
         raise BadInputError(f"{what} {p} is not valid TOML: {e}") from None
 
 
-def load_config(path: str | os.PathLike | None = None, env: dict | None = None) -> ServeConfig:
+def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> ServeConfig:
     """Defaults ← TOML file (path or $MEDLEGO_CONFIG) ← environment (tokens, data dir)."""
     env = os.environ if env is None else env
     cfg = ServeConfig()

@@ -318,8 +318,8 @@ class Engine:
         images = list(images) if not isinstance(images, torch.Tensor) else list(images.unbind(0))
         if len(adapter_refs) != len(images):
             raise BadInputError(f"{len(images)} images but {len(adapter_refs)} adapter references")
-        tasks = tasks if tasks is not None else [None] * len(images)
-        reqs = [self.request(img, ref, t, top_k) for img, ref, t in zip(images, adapter_refs, tasks)]
+        task_names: list[str | None] = list(tasks) if tasks is not None else [None] * len(images)
+        reqs = [self.request(img, ref, t, top_k) for img, ref, t in zip(images, adapter_refs, task_names)]
         out = self.run(reqs)
         for r in out:
             if isinstance(r, Exception):
@@ -344,7 +344,7 @@ class Engine:
             sha = r.adapter.sha256 if r.adapter is not None else None
             grows = sha is not None and sha not in shas
             full = len(chunk) >= self.config.max_pass_images
-            if chunk and (full or (grows and len(shas) + 1 > self.pool.capacity(shas | {sha}))):
+            if chunk and (full or (sha is not None and grows and len(shas) + 1 > self.pool.capacity(shas | {sha}))):
                 yield chunk
                 chunk, shas = [], set()
             chunk.append(r)

@@ -20,6 +20,7 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,7 +128,8 @@ class TokensFile:
     def __init__(self, path: str, every_s: float = 1.0):
         self.path = Path(path).expanduser()
         self.every_s = every_s
-        self.on_change = None  # set by the service
+        # set by the service: on_change(added, removed, changed) records the change as an audit row
+        self.on_change: Callable[[list[str], list[str], list[str]], None] | None = None
         self._lock = threading.Lock()
         self._checked = time.monotonic()
         self._stamp = self._stat()
@@ -190,7 +192,7 @@ class Auth:
 
     @staticmethod
     def from_config(cfg: AuthConfig) -> "Auth":
-        tokens = TokensFile(cfg.tokens_file) if getattr(cfg, "tokens_file", None) else None
+        tokens = TokensFile(cfg.tokens_file) if cfg.tokens_file else None
         return Auth(cfg.admin_token or None, cfg.api_token or None, cfg.metrics_public,
                     tokens.callers if tokens is not None else (), tokens)
 

@@ -106,7 +106,7 @@ def generate(work: Path) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -169,7 +169,7 @@ class InferResult:
     probabilities: np.ndarray  # float32 [N, C]
 
 
-def _texts(t: Tensor) -> list[str]:
+def _texts(t: Tensor) -> list[str | None]:
     if t.datatype != "BYTES" or not isinstance(t.value, list):
         raise BadInputError(f"input '{t.name}' must be BYTES")
     out = []

@@ -21,6 +21,7 @@ Exported (all prefixed ``medlego_``):
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -95,7 +96,7 @@ class CountersOnlyCollector:
         yield from _histogram_families(snap["observations"])
 
 
-def _grouped(items: dict) -> dict[str, list[tuple[dict, object]]]:
+def _grouped(items: dict) -> dict[str, list[tuple[dict, Any]]]:
     out: dict[str, list] = defaultdict(list)
     for (name, labels), value in items.items():
         out[name].append((dict(labels), value))

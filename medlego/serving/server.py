@@ -126,7 +126,7 @@ class EmbeddedServer:
         async def warm():
             if self.warmup:
                 try:
-                    await self._loop.run_in_executor(None, self.service.warmup)
+                    await asyncio.get_running_loop().run_in_executor(None, self.service.warmup)
                 except Exception as e:  # stay alive but not ready: /readyz keeps saying 503
                     log.exception("warm-up failed; the server stays not ready")
                     self._error = e  # start() raises it; run() keeps serving health and metrics
