@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import TINY_MODEL
 from medlego.runtime.adapter import TaskSpec
 from medlego.runtime.config import EngineConfig
 from medlego.runtime.engine import Engine
@@ -132,14 +133,17 @@ def _with_huge_head(adapter):
     return replace(adapter, heads={name: Head(torch.full_like(head.weight, 3e38), head.bias)})
 
 
-def test_probe_refuses_an_adapter_whose_logits_overflow(setup, tiny_base, make_adapter):
+def test_probe_refuses_an_adapter_whose_logits_overflow(setup, tiny_base, tiny_base_file, make_adapter):
+    from medlego.runtime.base import load_base
+
     reg, _ = setup
     engine = Engine(tiny_base, reg)
     engine.check_adapter(make_adapter(seed=7))  # a normal adapter passes
     huge = _with_huge_head(make_adapter(seed=7))  # finite in float32, so the file itself is valid
     with pytest.raises(AdapterNumericError, match="logits overflow"):
         engine.check_adapter(huge)
-    half = Engine(tiny_base, reg, EngineConfig(dtype="float16"))
+    # an engine converts its base in place: the float16 one gets a base of its own (the shared one stays float32)
+    half = Engine(load_base(TINY_MODEL, tiny_base_file), reg, EngineConfig(dtype="float16"))
     with pytest.raises(AdapterNumericError, match="overflows in float16"):
         half.check_adapter(huge)
 

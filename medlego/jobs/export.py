@@ -21,6 +21,7 @@ from torch import nn
 
 from medlego.runtime.adapter import Adapter, current_umask
 from medlego.runtime.base import BaseModel
+from medlego.runtime.vit import qkv_linear, typed
 from medlego.runtime.errors import BadInputError, ExportError
 from medlego.runtime.model import AdaptedViT, adapter_logits, fold_adapter
 
@@ -33,15 +34,15 @@ class _OneTask(nn.Module):
         self.register_buffer("head_bias", bias.detach().clone().float())
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        feats = self.vit.forward_head(self.vit.forward_features(pixel_values), pre_logits=True)
+        vit = typed(self.vit)
+        feats = vit.forward_head(vit.forward_features(pixel_values), pre_logits=True)
         return F.linear(feats, self.head_weight, self.head_bias)
 
 
 def _unwrap_qkv(vit: nn.Module) -> nn.Module:
     """Replace LoRA wrappers by their plain Linear (the update is already folded in)."""
-    for blk in vit.blocks:
-        if hasattr(blk.attn.qkv, "qkv") and isinstance(blk.attn.qkv.qkv, nn.Linear):
-            blk.attn.qkv = blk.attn.qkv.qkv
+    for blk in typed(vit).blocks:
+        blk.attn.qkv = qkv_linear(blk)  # the same Linear where it was not wrapped
     if hasattr(vit, "_medlego_lora_state"):
         del vit._medlego_lora_state
     return vit

@@ -20,6 +20,7 @@ from torch import nn
 
 from .adapter import BaseSpec, Preprocess
 from .errors import BaseModelError
+from .vit import create, typed
 
 PLAIN_VIT_PREFIXES = ("vit_", "deit_", "deit3_")
 HEAD_PREFIXES = ("head.", "head_dist.")
@@ -51,7 +52,7 @@ class BaseModel:
     @property
     def tokens(self) -> int:
         """Tokens per image in every block: patches plus the prefix (class, register) tokens."""
-        return int(self.model.patch_embed.num_patches) + int(getattr(self.model, "num_prefix_tokens", 1))
+        return int(typed(self.model).patch_embed.num_patches) + int(getattr(self.model, "num_prefix_tokens", 1))
 
 
 def _timm():
@@ -150,12 +151,11 @@ def build_model(name: str, weights: str | Path | None = None, *, pretrained: boo
                 img_size: int | None = None) -> nn.Module:
     """A timm ViT with the classifier removed (``num_classes=0``), weights loaded, not yet frozen."""
     check_model_name(name)
-    timm = _timm()
     sd = None
     kwargs = {}
     if weights is not None and Path(weights).suffix != ".npz":
         sd = read_state_dict(weights)
-        probe = timm.create_model(name, pretrained=False, num_classes=0)
+        probe = typed(create(name, pretrained=False, num_classes=0))
         size = _grid_from_pos_embed(sd, probe.patch_embed.patch_size[0], probe.num_prefix_tokens)
         if size is not None and size != probe.patch_embed.img_size[0]:
             kwargs["img_size"] = size
@@ -163,7 +163,7 @@ def build_model(name: str, weights: str | Path | None = None, *, pretrained: boo
         kwargs["img_size"] = img_size
     offline = pretrained and prefer_offline_hub()
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        model = create(name, pretrained=pretrained, num_classes=0, **kwargs)
     except Exception as e:  # pretrained weights neither reachable nor cached, bad kwargs
         if offline:
             from huggingface_hub import constants
@@ -176,7 +176,7 @@ def build_model(name: str, weights: str | Path | None = None, *, pretrained: boo
     if weights is not None:
         if Path(weights).suffix == ".npz":
             try:
-                model.load_pretrained(str(_weights_file(weights)))
+                typed(model).load_pretrained(str(_weights_file(weights)))
             except BaseModelError:
                 raise
             except Exception as e:  # not a JAX ViT checkpoint, or one of another shape
@@ -200,7 +200,7 @@ def build_model(name: str, weights: str | Path | None = None, *, pretrained: boo
                     raise BaseModelError(_mismatch(Path(weights), name, raw, model))
                 what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
                 raise BaseModelError(f"weights file {weights} does not fit '{name}': {what}")
-    if not hasattr(model, "blocks") or not all(hasattr(b, "attn") and hasattr(b.attn, "qkv") for b in model.blocks):
+    if not hasattr(model, "blocks") or not all(hasattr(b, "attn") and hasattr(b.attn, "qkv") for b in typed(model).blocks):
         raise BaseModelError(f"'{name}' has no fused qkv attention blocks")
     return model
 
@@ -280,8 +280,9 @@ def load_base(name: str, weights: str | Path | None = None, *, pretrained: bool 
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     mean = tuple(float(x) for x in cfg.get("mean", (0.5, 0.5, 0.5)))
     std = tuple(float(x) for x in cfg.get("std", (0.5, 0.5, 0.5)))
-    size = int(model.patch_embed.img_size[0])
-    spec = BaseSpec(model=name, fingerprint=fp, embed_dim=int(model.embed_dim), depth=len(model.blocks))
+    vit = typed(model)
+    size = int(vit.patch_embed.img_size[0])
+    spec = BaseSpec(model=name, fingerprint=fp, embed_dim=int(vit.embed_dim), depth=len(vit.blocks))
     n = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(HEAD_PREFIXES))
     return BaseModel(name=name, model=model, spec=spec, input_size=size,
                      preprocess=Preprocess(size, mean, std, 3), num_params=n)
@@ -290,13 +291,12 @@ def load_base(name: str, weights: str | Path | None = None, *, pretrained: bool 
 def init_weights_file(name: str, seed: int, out: str | Path, *, img_size: int | None = None) -> Path:
     """Write a reproducible random-init timm state_dict (its own 1000-class head included) as safetensors."""
     check_model_name(name)
-    timm = _timm()
     from .adapter import atomic_write
     from safetensors.torch import save
 
     torch.manual_seed(seed)
     kwargs = {"img_size": img_size} if img_size else {}
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    model = create(name, pretrained=False, **kwargs)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     out = Path(out)
     atomic_write(out, save(sd, metadata={"model": name, "seed": str(seed)}))

@@ -34,6 +34,7 @@ from .errors import (AdapterFormatError, AdapterNumericError, BadInputError, Con
 from .kernel_choice import KernelChoice, batch_bucket, batch_buckets, measurement_case
 from .lora import PackedSource, pack_adapter
 from .model import AdaptedViT, probabilities
+from .vit import qkv_linear, typed
 from .pool import AdapterPool, HostAdapter
 from .registry import Entry, Registry
 
@@ -113,6 +114,10 @@ class Request:
 
 
 class Engine:
+    """The resident base with its adapter pool and batch plan. It owns ``base.model``: the model is moved
+    to the engine's device and dtype in place (a copy would keep a second base in host memory), so a
+    BaseModel serves one engine; a second engine in another dtype needs its own ``load_base``."""
+
     def __init__(self, base: BaseModel, registry: Registry, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         if self.config.over_rank not in ("refuse", "truncate"):
@@ -168,7 +173,7 @@ class Engine:
 
     def qkv_for(self, bucket: int):
         """The qkv path for a batch of this bucket: forced, or measured on first use (then cached)."""
-        qkv = self.model.vit.blocks[0].attn.qkv
+        qkv = qkv_linear(typed(self.model.vit).blocks[0])
         tokens = self.base.tokens
         return self.kernels.for_batch(bucket, self.base.spec.embed_dim, tokens, lambda: measurement_case(
             qkv.weight, qkv.bias, self.pool.slots, self.pool.max_rank, bucket, tokens))

@@ -24,6 +24,7 @@ from medlego.kernels.plan import BatchPlan
 from medlego.kernels.reference import qkv_lora_reference
 
 from .adapter import Adapter, LowRank
+from .vit import qkv_linear, typed
 
 QKVFn = Callable[..., torch.Tensor]  # the shared kernel signature (see kernels/reference.py)
 
@@ -73,9 +74,9 @@ def wrap_qkv(model: nn.Module) -> LoRAState:
     if state is not None:
         return state
     state = LoRAState()
-    for i, blk in enumerate(model.blocks):
-        blk.attn.qkv = LoRAQKV(blk.attn.qkv, i, state)
-    model._medlego_lora_state = state
+    for i, blk in enumerate(typed(model).blocks):
+        blk.attn.qkv = LoRAQKV(qkv_linear(blk), i, state)
+    setattr(model, "_medlego_lora_state", state)
     return state
 
 

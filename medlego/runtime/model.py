@@ -14,6 +14,7 @@ from torch import nn
 from .adapter import Adapter, Head, TaskSpec
 from .base import BaseModel
 from .lora import AdapterSource, PackedSource, using, wrap_qkv
+from .vit import qkv_linear, typed
 
 
 class AdaptedViT(nn.Module):
@@ -26,8 +27,8 @@ class AdaptedViT(nn.Module):
     def features(self, pixels: torch.Tensor, source: AdapterSource | None = None) -> torch.Tensor:
         """Pooled pre-logit features [N, D] of pixels [N, 3, H, W]."""
         with using(self.state, source):
-            tokens = self.vit.forward_features(pixels)
-            return self.vit.forward_head(tokens, pre_logits=True)
+            vit = typed(self.vit)
+            return vit.forward_head(vit.forward_features(pixels), pre_logits=True)
 
     def forward(self, pixels: torch.Tensor, source: AdapterSource | None = None) -> torch.Tensor:
         return self.features(pixels, source)
@@ -65,17 +66,17 @@ def fold_adapter(vit: nn.Module, adapter: Adapter) -> nn.Module:
     folded = copy.deepcopy(vit)
     d = adapter.base.embed_dim
     with torch.no_grad():
-        for i, blk in enumerate(folded.blocks):
-            qkv = blk.attn.qkv
-            lin = qkv.qkv if hasattr(qkv, "qkv") and isinstance(qkv.qkv, nn.Linear) else qkv
-            w = lin.weight
+        for i, blk in enumerate(typed(folded).blocks):
+            w = qkv_linear(blk).weight
             w[:d] += adapter.q[i].delta().to(w)
             w[2 * d:] += adapter.v[i].delta().to(w)
-    if hasattr(folded, "_medlego_lora_state"):
-        folded._medlego_lora_state.source = None
+    state = getattr(folded, "_medlego_lora_state", None)
+    if state is not None:
+        state.source = None
     return folded
 
 
 def pooled_features(vit: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Pre-logit features of a plain (possibly folded) timm ViT."""
-    return vit.forward_head(vit.forward_features(pixels), pre_logits=True)
+    v = typed(vit)
+    return v.forward_head(v.forward_features(pixels), pre_logits=True)

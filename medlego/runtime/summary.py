@@ -8,15 +8,14 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter
+from .vit import create
 
 
 def base_param_count(model_name: str, img_size: int | None = None) -> int:
     """Parameters of the base backbone (classifier excluded), built on the meta device: no weights."""
-    import timm
-
     kwargs = {"img_size": img_size} if img_size else {}
     with torch.device("meta"):
-        m = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+        m = create(model_name, pretrained=False, num_classes=0, **kwargs)
     return sum(p.numel() for p in m.parameters())
 
 
