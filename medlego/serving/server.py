@@ -15,7 +15,6 @@ import ipaddress
 import logging
 import signal
 import socket
-import sys
 import threading
 
 import uvicorn
@@ -29,7 +28,6 @@ from .service import DiagnosisService
 
 log = logging.getLogger("medlego.serving")
 _DEFAULTS = ServerConfig()
-GIL_SWITCH_S = 0.001  # process-wide (sys.setswitchinterval), set when a server starts
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -101,9 +99,6 @@ class EmbeddedServer:
         """Bind both servers, warm up, serve until stopped."""
         self._loop = asyncio.get_running_loop()
         quiet_exception_handler(self._loop)
-        # a thread parsing a large body (JSON, base64, tensors) hands the interpreter lock back to the
-        # event loop after GIL_SWITCH_S instead of Python's default 5 ms: /healthz stays in tens of ms
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
         sock = bind_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         health = None
