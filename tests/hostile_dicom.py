@@ -16,21 +16,26 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEG2000Lossless,
-                         JPEGBaseline8Bit, RLELossless, generate_uid)
+                         JPEGBaseline8Bit, RLELossless)
 
 
-def dicom(rows, cols, *, syntax=ExplicitVRLittleEndian, bits=8, samples=1, photometric="MONOCHROME2",
-          **attrs) -> FileDataset:
+def dicom(rows, cols, *, syntax=ExplicitVRLittleEndian, bits=8, stored=None, samples=1, photometric="MONOCHROME2",
+          signed=False, frames=None, **attrs) -> FileDataset:
+    """A DICOM data set of this geometry (no pixel data yet); its instance UID is fixed, so that a test may
+    patch a value's bytes knowing they occur once."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.2.1125.7")
     meta.TransferSyntaxUID = syntax
     ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.Rows, ds.Columns = rows, cols
     ds.SamplesPerPixel, ds.PhotometricInterpretation = samples, photometric
     if samples > 1:
         ds.PlanarConfiguration = 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    stored = stored or bits
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, stored, stored - 1, int(signed)
+    if frames is not None:
+        ds.NumberOfFrames = frames
     for keyword, value in attrs.items():
         setattr(ds, keyword, value)
     return ds

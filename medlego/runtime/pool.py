@@ -107,20 +107,22 @@ class AdapterPool:
     def held(self, sha256: str) -> HostAdapter | None:
         """The host copy if this pool holds it (a hit, counted), else None; never reads the store."""
         with self._lock:
-            h = self._host.get(sha256)
-            if h is not None:
-                self._host.move_to_end(sha256)
-                self.counters.inc("pool_hits", tier="host")
-            return h
+            return self._host_hit(sha256)
+
+    def _host_hit(self, sha256: str) -> HostAdapter | None:
+        """The host copy, marked recently used and counted as a hit (the caller holds the lock)."""
+        h = self._host.get(sha256)
+        if h is not None:
+            self._host.move_to_end(sha256)
+            self.counters.inc("pool_hits", tier="host")
+        return h
 
     def host(self, sha256: str, read: Callable[[], bytes]) -> HostAdapter:
         """The host copy of an adapter, loaded with ``read()`` (its verified file bytes) if absent (thread-safe)."""
         while True:
             with self._lock:
-                h = self._host.get(sha256)
+                h = self._host_hit(sha256)
                 if h is not None:
-                    self._host.move_to_end(sha256)
-                    self.counters.inc("pool_hits", tier="host")
                     return h
                 pending = self._loading.get(sha256)
                 if pending is None:
