@@ -69,11 +69,7 @@ class HealthProbe:
         self._thread.join(15)
 
     def assert_fast(self) -> None:
-        """Under 100 ms, all but one, and none near a freeze (before issue 24: seconds). One sample may
-        be late when a shared 2-core machine stalls this process's threads once (the rule of
-        tests/test_decode_burst.py too)."""
-        ms = sorted(self.ms)
-        assert len(ms) >= 3 and ms[-2] < HEALTHZ_MS and ms[-1] < 5 * HEALTHZ_MS, [round(x) for x in ms[-5:]]
+        assert len(self.ms) >= 3 and max(self.ms) < HEALTHZ_MS, [round(x) for x in sorted(self.ms)[-5:]]
 
 
 def _peak_rss_reset() -> None:
