@@ -176,6 +176,8 @@ def _diagnosis_row(item: DiagnoseItem, request) -> dict:
 
 def image_fields(item: DiagnoseItem) -> dict:
     """The sha256 of the image bytes as received and their format; never the content."""
+    if item.image_audit is not None:
+        return item.image_audit
     if item.pixels is not None and not item.image:
         try:
             data = memoryview(item.pixels).tobytes()

@@ -41,6 +41,9 @@ class DiagnoseItem:
     # the adapter already resolved by whoever routed the item (a Ray replica: the ingress's resolve
     # plus the multiplexed loader's host copy), an engine ResolvedAdapter; None: resolve `adapter`
     resolved: Any = None
+    # the image's audit fields (sha256, format, size), computed once by prepare() in the decode pool, so
+    # that recording the diagnosis never hashes megabytes on the event loop; None: not computed yet
+    image_audit: dict | None = None
 
 
 @dataclass

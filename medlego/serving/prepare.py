@@ -16,6 +16,7 @@ from medlego.runtime.errors import BadInputError
 from medlego.runtime.imaging import preprocess
 
 from . import limits as checks
+from .audit_recorder import image_fields
 from .contract import DiagnoseItem
 
 
@@ -26,6 +27,7 @@ def prepare(engine: Engine, limits: Limits, item: DiagnoseItem, held=None, load:
     ``item.resolved`` when the caller resolved it already (a Ray replica), else resolved here: with
     load=False a cold adapter raises AdapterCold instead of waiting; ``held`` is the host copy that
     loading returned."""
+    item.image_audit = image_fields(item)  # here, off the event loop (the audit row needs it either way)
     ref = checks.check_text(item.adapter, "adapter")
     if ref is None:
         raise BadInputError("'adapter' is required: a registered name, name@version or alias")
