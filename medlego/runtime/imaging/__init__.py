@@ -93,6 +93,19 @@ def decode_dicom(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, target_size
     return _decode(data, "dicom", Budget(max_pixels, max_side, deadline_s), target_size)
 
 
+def check_dicom_header(data: bytes, *, deadline_s: float | None = DECODE_DEADLINE_S, any_syntax: bool = False) -> None:
+    """Walk a DICOM file's header within the decoder's bounds (elements counted, the deadline, a deflated
+    header inflated only as far as its cap), parsing nothing: :class:`ImageTooCostlyError` for a flood,
+    :class:`BadImageError` for a garbled header or (unless ``any_syntax``) a transfer syntax the decoder
+    does not bound. For readers that parse the whole header afterwards (the DICOM doors)."""
+    try:
+        dicom.check_header(data, Budget(MAX_IMAGE_PIXELS, None, deadline_s), any_syntax)
+    except MedlegoError:
+        raise
+    except Exception as e:  # odd bytes in the file meta
+        raise BadImageError(f"cannot read DICOM header: {_first_line(e)}") from None
+
+
 def load_image_file(path, *, max_pixels: int = MAX_IMAGE_PIXELS, target_size: int | None = None,
                     deadline_s: float | None = None) -> np.ndarray:
     """A local file (datasets, the CLI): no deadline unless one is given; sizes are bounded all the same."""

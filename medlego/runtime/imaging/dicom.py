@@ -72,6 +72,33 @@ def decode(data: bytes, budget: Budget, target_size: int | None) -> np.ndarray:
     return 1.0 - out if frame.photometric == "MONOCHROME1" else out
 
 
+def check_header(data: bytes, budget: Budget, any_syntax: bool = False) -> None:
+    """Walk a DICOM data set's header within the decoder's bounds and parse nothing: the file meta,
+    then the elements counted (dicom_elements), a deflated data set inflated only as far as
+    _DICOM_HEADER_CAP. A reader that parses the whole header afterwards (pydicom, for the DICOM doors,
+    which need every routing attribute) then works on a bounded header: a flood is refused here.
+    ``any_syntax``: a transfer syntax the decoder refuses is walked as explicit VR little endian (as
+    pydicom reads it) rather than refused, for a caller that reports the syntax itself."""
+    from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta, meta_end = _read_file_meta(data)
+    syntax = UID(str(meta.get("TransferSyntaxUID", "")))
+    if not syntax:
+        raise BadImageError("cannot decode DICOM image: the file meta has no Transfer Syntax UID")
+    try:
+        check_bounded(syntax)
+    except BadImageError:
+        if not any_syntax:
+            raise
+        syntax = ExplicitVRLittleEndian
+    if syntax == DeflatedExplicitVRLittleEndian:
+        _inflate_header(Inflater([memoryview(data)[meta_end:]], -zlib.MAX_WBITS), budget)
+        return
+    if syntax == ExplicitVRLittleEndian and not data[meta_end + 4:meta_end + 6].isalpha():
+        syntax = ImplicitVRLittleEndian  # as _DicomSource.open reads it
+    dicom_elements.walk(data, meta_end, implicit=syntax.is_implicit_VR, little=syntax.is_little_endian, budget=budget)
+
+
 def _to_unit(img: np.ndarray, hi: float, lo: float) -> np.ndarray:
     span = hi - lo
     if span <= 0:
