@@ -203,12 +203,9 @@ def engine_rows(device: str, dtype_name: str, batch: int, model: str, mixes=GOAL
     import tempfile
 
     import torch
-    from medlego.kernels.plan import BatchPlan
-    from medlego.kernels.reference import qkv_lora_reference
     from medlego.runtime.base import init_weights_file, load_base
     from medlego.runtime.config import EngineConfig
     from medlego.runtime.engine import Engine
-    from medlego.runtime.lora import PackedSource
     from medlego.runtime.model import pooled_features
     from medlego.runtime.registry import Registry
     from medlego.jobs.synthetic import random_adapter
@@ -229,36 +226,9 @@ def engine_rows(device: str, dtype_name: str, batch: int, model: str, mixes=GOAL
         kernel = eng.qkv_for(eng.bucket(batch))
         s = base.input_size
         pixels = torch.randn(batch, 3, s, s, device=device, dtype=eng.dtype)
-        images = list(pixels.unbind(0))
         with torch.inference_mode():
             t_base = _bench(lambda: pooled_features(base.model, pixels), device)
-        rows = []
-        for mix in mixes:
-            refs = [f"a{k}" for k in mix_slots(mix, batch, batch)]
-            reqs = [eng.request(img, ref) for img, ref in zip(images, refs)]  # resolved up front, as the batcher does
-            failed = [r for r in eng.run(reqs) if isinstance(r, Exception)]  # also brings the adapters into slots
-            if failed:
-                raise failed[0]
-            t_run = _bench(lambda: eng.run(reqs), device)
-            t_infer = _bench(lambda: eng.infer(images, refs), device)
-            row = {"adapters": mix, "base_forward_ms": 1e3 * t_base, "engine_run_ms": 1e3 * t_run,
-                   "engine_infer_ms": 1e3 * t_infer, "engine_over_base": t_base / t_run, "infer_over_base": t_base / t_infer}
-            # The adapted trunk alone (no heads, no Python per request): the kernel's share of the gap.
-            hosts = list({r.adapter.sha256: r.adapter.host for r in reqs}.values())
-            slot_of = dict(zip((h.sha256 for h in hosts), eng.pool.acquire([(h, False) for h in hosts])))
-            plan = BatchPlan.build([slot_of[r.adapter.sha256] for r in reqs], device=device,
-                                   max_rank=max(h.rank for h in hosts))
-
-            def trunk(fn):
-                src = PackedSource(eng.pool.lora_a, eng.pool.lora_e, eng.pool.lora_b, plan, fn)
-                with torch.inference_mode():
-                    return eng.model.features(pixels, src)
-
-            t_trunk = _bench(lambda: trunk(kernel), device)
-            t_unfused = t_trunk if kernel is qkv_lora_reference else _bench(lambda: trunk(qkv_lora_reference), device)
-            row.update(trunk_ms=1e3 * t_trunk, trunk_unfused_ms=1e3 * t_unfused, trunk_over_base=t_base / t_trunk,
-                       unfused_trunk_over_base=t_base / t_unfused, goal_met=t_base / t_run >= GOAL_ENGINE_OVER_BASE)
-            rows.append(row)
+        rows = [_engine_mix_row(eng, kernel, mix, batch, pixels, t_base, device) for mix in mixes]
         head = next((r for r in rows if r["adapters"] == "distinct"), rows[-1])
         out = {"model": model, "input_size": s, "batch": batch, "kernel": getattr(kernel, "__name__", str(kernel)),
                "kernel_choice": eng.kernel_report(), "base_images_per_s": batch / t_base,
@@ -266,6 +236,42 @@ def engine_rows(device: str, dtype_name: str, batch: int, model: str, mixes=GOAL
                "ratio": head["engine_over_base"], "goal_met": head["goal_met"], "rows": rows}
         out["latency"] = latency_rows(eng, make_engine(True) if graphs else None, base, device)
         return out
+
+
+def _engine_mix_row(eng, kernel, mix: str, batch: int, pixels, t_base: float, device: str) -> dict:
+    """One adapter mix: ``engine.run`` and ``engine.infer`` on `pixels` vs the base's forward (`t_base`),
+    then the adapted trunk alone with the engine's kernel and the unfused reference."""
+    import torch
+    from medlego.kernels.plan import BatchPlan
+    from medlego.kernels.reference import qkv_lora_reference
+    from medlego.runtime.lora import PackedSource
+
+    images = list(pixels.unbind(0))
+    refs = [f"a{k}" for k in mix_slots(mix, batch, batch)]
+    reqs = [eng.request(img, ref) for img, ref in zip(images, refs)]  # resolved up front, as the batcher does
+    failed = [r for r in eng.run(reqs) if isinstance(r, Exception)]  # also brings the adapters into slots
+    if failed:
+        raise failed[0]
+    t_run = _bench(lambda: eng.run(reqs), device)
+    t_infer = _bench(lambda: eng.infer(images, refs), device)
+    row = {"adapters": mix, "base_forward_ms": 1e3 * t_base, "engine_run_ms": 1e3 * t_run,
+           "engine_infer_ms": 1e3 * t_infer, "engine_over_base": t_base / t_run, "infer_over_base": t_base / t_infer}
+    # The adapted trunk alone (no heads, no Python per request): the kernel's share of the gap.
+    hosts = list({r.adapter.sha256: r.adapter.host for r in reqs}.values())
+    slot_of = dict(zip((h.sha256 for h in hosts), eng.pool.acquire([(h, False) for h in hosts])))
+    plan = BatchPlan.build([slot_of[r.adapter.sha256] for r in reqs], device=device,
+                           max_rank=max(h.rank for h in hosts))
+
+    def trunk(fn):
+        src = PackedSource(eng.pool.lora_a, eng.pool.lora_e, eng.pool.lora_b, plan, fn)
+        with torch.inference_mode():
+            return eng.model.features(pixels, src)
+
+    t_trunk = _bench(lambda: trunk(kernel), device)
+    t_unfused = t_trunk if kernel is qkv_lora_reference else _bench(lambda: trunk(qkv_lora_reference), device)
+    row.update(trunk_ms=1e3 * t_trunk, trunk_unfused_ms=1e3 * t_unfused, trunk_over_base=t_base / t_trunk,
+               unfused_trunk_over_base=t_base / t_unfused, goal_met=t_base / t_run >= GOAL_ENGINE_OVER_BASE)
+    return row
 
 
 def latency_rows(eager, graphed, base, device: str) -> dict:

@@ -32,7 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, metavar="PREFIX", help=OUT_HELP.replace("folder for the results", "path prefix of the result files") + " + /ray_batch_split")
     args = p.parse_args(argv)
 
-    import ray
+    report = _measure(args)
+    out_path = Path(args.out or results_dir() / "ray_batch_split")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    md = _markdown(args, report)
+    out_path.with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+def _toy_deployment(max_batch: int, wait_s: float):
+    """The toy deployment: no model, its batch handler records the model ids and size of each batch."""
     from ray import serve
 
     @serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
@@ -44,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         async def model(self, model_id: str):
             return model_id
 
-        @serve.batch(max_batch_size=args.max_batch, batch_wait_timeout_s=args.wait_s)
+        @serve.batch(max_batch_size=max_batch, batch_wait_timeout_s=wait_s)
         async def handle(self, items: list):
             self.batches.append(sorted({m for m, _ in items}) + [len(items)])
             await asyncio.sleep(0.01)  # stands in for one engine call per batch
@@ -60,9 +71,17 @@ def main(argv: list[str] | None = None) -> int:
             out, self.batches = self.batches, []
             return out
 
+    return Toy
+
+
+def _measure(args) -> dict:
+    """Run the requests with model ids, then without (the control), and summarise the batches Ray made."""
+    import ray
+    from ray import serve
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        handle = serve.run(Toy.bind(), name="batch_split", route_prefix=None)
+        handle = serve.run(_toy_deployment(args.max_batch, args.wait_s).bind(), name="batch_split", route_prefix=None)
         ids = [f"adapter{i}" for i in range(args.models)]
 
         async def load(multiplexed: bool):
@@ -83,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     sizes = [b[-1] for b in batches]
     ids_per_batch = [len(b) - 1 for b in batches]
-    report = {
+    return {
         "ray_version": ray.__version__, "requests": args.requests, "model_ids": args.models, "max_batch_size": args.max_batch,
         "batch_wait_timeout_s": args.wait_s, "batches": len(batches), "mean_batch_size": round(sum(sizes) / len(sizes), 2),
         "max_batch_size_seen": max(sizes), "max_ids_in_one_batch": max(ids_per_batch), "wall_s": round(wall, 3),
@@ -91,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         "control_without_model_ids": {"batches": len(control), "mean_batch_size": round(sum(control) / len(control), 2),
                                       "max_batch_size_seen": max(control), "wall_s": round(control_wall, 3)},
     }
-    out_path = Path(args.out or results_dir() / "ray_batch_split")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    md = [
+
+
+def _markdown(args, report: dict) -> list[str]:
+    return [
         "# Ray Serve `@serve.batch` with `@serve.multiplexed`", "",
         f"Ray {report['ray_version']}: {args.requests} concurrent requests over {args.models} multiplexed model ids on one "
         f"replica, `@serve.batch(max_batch_size={args.max_batch}, batch_wait_timeout_s={args.wait_s})`.", "",
@@ -113,9 +132,6 @@ def main(argv: list[str] | None = None) -> int:
          if report["splits_by_model_id"] else
          "Ray kept batches with several model ids together here."), "",
         "Command: `python -m medlego.benchmarks.ray_batch_split`", ""]
-    out_path.with_suffix(".md").write_text("\n".join(md))
-    print("\n".join(md))
-    return 0
 
 
 if __name__ == "__main__":

@@ -96,13 +96,10 @@ def ask(client, url: str, demo) -> tuple[int, int]:
 
 
 def _run(args) -> int:
-    import signal
-    import threading
-
     import httpx
     import torch
 
-    from medlego.jobs.demo import MERGED_NAME, build_demo
+    from medlego.jobs.demo import build_demo
     from medlego.runtime.config import ADMIN_TOKEN_ENV, ServeConfig
     from medlego.serving.server import EmbeddedServer
     from medlego.serving.service import DiagnosisService
@@ -140,21 +137,32 @@ def _run(args) -> int:
                   f"{demo.model} --weights {os.path.relpath(demo.weights)} --data-dir {os.path.relpath(demo.data_dir)}` "
                   "serves the same registry.")
             return 0
-        stop = threading.Event()
-        # Ctrl-C and SIGTERM alike: a clean stop with exit 0 (handlers set before the message that invites them)
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            print(f"\nserving until Ctrl-C or SIGTERM. Admin token for this session: {admin_token}\n"
-                  f"  medlego client list --http {url}\n"
-                  f"  MEDLEGO_ADMIN_TOKEN={admin_token} medlego client register --http {url} my-adapter ADAPTER.safetensors\n"
-                  f"  medlego client describe --grpc {server.grpc_target} {MERGED_NAME}",
-                  flush=True)
-            while not stop.is_set() and server._thread.is_alive():
-                stop.wait(0.5)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        _serve_until_stopped(server, admin_token)
         print("stopping: draining requests in flight, writing the audit trail", flush=True)
         return 0
     finally:
         server.stop()
+
+
+def _serve_until_stopped(server, admin_token: str) -> None:
+    """Keep serving until Ctrl-C or SIGTERM (or the server's thread ends), printing how to reach it."""
+    import signal
+    import threading
+
+    from medlego.jobs.demo import MERGED_NAME
+
+    url = server.url
+    stop = threading.Event()
+    # Ctrl-C and SIGTERM alike: a clean stop with exit 0 (handlers set before the message that invites them)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"\nserving until Ctrl-C or SIGTERM. Admin token for this session: {admin_token}\n"
+              f"  medlego client list --http {url}\n"
+              f"  MEDLEGO_ADMIN_TOKEN={admin_token} medlego client register --http {url} my-adapter ADAPTER.safetensors\n"
+              f"  medlego client describe --grpc {server.grpc_target} {MERGED_NAME}",
+              flush=True)
+        while not stop.is_set() and server._thread.is_alive():
+            stop.wait(0.5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -236,7 +236,8 @@ def check_task(name: str, labels: tuple[str, ...] | list[str] | None = None, mul
         raise BadInputError(f"task '{name}': a single-label task needs at least 2 labels")
 
 
-def _train(base, data, cfg, init, workdir, resume, log) -> TrainResult:
+def _check_inputs(base, data, cfg, init) -> None:
+    """Everything a run needs, checked before any training (a bad flag never costs an epoch)."""
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.rank < 1:
         raise BadInputError("epochs, batch size and rank must be >= 1 and lr > 0")
     check_task(cfg.task, data.labels, data.multilabel)
@@ -250,6 +251,10 @@ def _train(base, data, cfg, init, workdir, resume, log) -> TrainResult:
         if same and same[0].num_classes != data.num_classes:
             raise BadInputError(f"--init-adapter's task '{cfg.task}' has {same[0].num_classes} classes, "
                                 f"the dataset has {data.num_classes}")
+
+
+def _train(base, data, cfg, init, workdir, resume, log) -> TrainResult:
+    _check_inputs(base, data, cfg, init)
     torch.manual_seed(cfg.seed)
     tr = _Trainer(base, data, cfg, init)
     work = Path(workdir) if workdir else None
@@ -282,6 +287,12 @@ def _train(base, data, cfg, init, workdir, resume, log) -> TrainResult:
             raise SystemExit(75)  # simulated interruption (tests of --resume)
     tr.load_best(best)
     test = tr.evaluate("test")
+    adapter = _trained_adapter(base, data, cfg, init, tr, best, test, resumed)
+    return TrainResult(adapter, best["epoch"] + 1, best["val"], test, history, resumed)
+
+
+def _trained_adapter(base, data, cfg, init, tr: _Trainer, best: dict, test: dict, resumed: int | None) -> Adapter:
+    """The adapter of the best epoch (loaded into `tr`), with how it was made as its provenance."""
     q, v = tr.lora.factors()
     task = TaskSpec(cfg.task, data.labels, data.multilabel)
     head = Head(tr.head.weight.detach().cpu().clone(), tr.head.bias.detach().cpu().clone())
@@ -299,9 +310,8 @@ def _train(base, data, cfg, init, workdir, resume, log) -> TrainResult:
         "resumed_from_epoch": resumed,
     }
     pp = Preprocess(base.input_size, base.preprocess.mean, base.preprocess.std, 3)
-    adapter = Adapter(base=base.spec, tasks=(task,), preprocess=pp, q=q, v=v, heads={cfg.task: head},
-                      provenance=provenance, created=utc_now())
-    return TrainResult(adapter, best["epoch"] + 1, best["val"], test, history, resumed)
+    return Adapter(base=base.spec, tasks=(task,), preprocess=pp, q=q, v=v, heads={cfg.task: head},
+                   provenance=provenance, created=utc_now())
 
 
 def write_outputs(result: TrainResult, out: str | Path, workdir: Path | None) -> str:

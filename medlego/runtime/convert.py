@@ -115,6 +115,36 @@ def convert_peft(path: str | Path, base: BaseModel, task: TaskSpec, *, head: Hea
                  drop_k: bool = False) -> tuple[Adapter, ConversionReport]:
     """A PEFT LoRA/AdaLoRA directory (adapter_config.json + adapter_model.safetensors) → Adapter."""
     root = Path(path)
+    config, kind, sd = _read_peft_folder(root)
+    report = ConversionReport(str(root), f"peft-{kind.lower()}")
+    per_block: dict[tuple[int, str], LowRank] = {}
+    head_delta: torch.Tensor | None = None
+    modules = sorted({k.rsplit(".lora_A", 1)[0] for k in sd if ".lora_A" in k})
+    if not modules:
+        raise AdapterFormatError(f"no lora_A tensors in {root / 'adapter_model.safetensors'}")
+    used: set[str] = set()
+    for module in modules:
+        factors = _peft_factors(module, sd, config, kind, used, report)
+        if factors is None:
+            continue
+        b, a, scale = factors
+        if _HEAD_MODULE.search(module):
+            head_delta = scale * (b.double() @ a.double())  # [classes, d], folded into the head below
+            report.notes.append(f"the LoRA on '{module}' (rank {a.shape[0]}) was folded into the head")
+            continue
+        _place_block_lora(module, b, a, scale, base.embed_dim, drop_k, per_block, report)
+    stored_head = _peft_head(sd)
+    if stored_head is not None:
+        used.update(k for k in sd if re.search(r"(?:^|\.)head(?:\.modules_to_save(?:\.[^.]+)?)?\.(?:weight|bias)$", k))
+    _refuse_unsupported(config, sd, used)
+    head = _peft_final_head(stored_head, head, head_delta, report)
+    provenance = {"converted_from": {"format": report.kind, "path": str(root), "config": config,
+                                     "dropped": report.dropped}}
+    return _assemble(base, task, per_block, head, provenance), report
+
+
+def _read_peft_folder(root: Path) -> tuple[dict, str, dict[str, torch.Tensor]]:
+    """(adapter_config.json, its PEFT type upper-cased, the tensors) of a PEFT folder of a type we read."""
     cfg_path, weights = root / "adapter_config.json", root / "adapter_model.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
         raise BadInputError(f"{root} is not a PEFT adapter folder (needs adapter_config.json and "
@@ -123,70 +153,71 @@ def convert_peft(path: str | Path, base: BaseModel, task: TaskSpec, *, head: Hea
     kind = str(config.get("peft_type", "LORA")).upper()
     if kind not in ("LORA", "ADALORA"):
         raise BadInputError(f"PEFT type {kind} is not supported (LORA or ADALORA)")
-    sd = load_file(str(weights))
-    report = ConversionReport(str(root), f"peft-{kind.lower()}")
-    d = base.embed_dim
-    per_block: dict[tuple[int, str], LowRank] = {}
-    head_delta: torch.Tensor | None = None
-    modules = sorted({k.rsplit(".lora_A", 1)[0] for k in sd if ".lora_A" in k})
-    if not modules:
-        raise AdapterFormatError(f"no lora_A tensors in {weights}")
-    used: set[str] = set()
-    for module in modules:
-        a_key = next(k for k in sd if k.startswith(module + ".lora_A"))
-        b_key = next(k for k in sd if k.startswith(module + ".lora_B") and not k.endswith(".bias"))
-        e_key = next((k for k in sd if k.startswith(module + ".lora_E")), None)
-        used.update(k for k in (a_key, b_key, e_key) if k)
-        a, b = sd[a_key].float(), sd[b_key].float()
-        r = a.shape[0]
-        if r == 0:  # AdaLoRA can prune a matrix to rank 0: no update there
-            report.notes.append(f"'{module}' has rank 0 (pruned): no update")
-            continue
-        if kind == "ADALORA":
-            if e_key is None:
-                raise AdapterFormatError(f"AdaLoRA module '{module}' has no lora_E tensor")
-            a = a * sd[e_key].float().reshape(r, 1)  # lora_A * lora_E, as AdaLoRA computes it
-            init_r = float(config.get("init_r") or r)
-            alpha = float(config.get("lora_alpha", 0))
-            scaling = alpha if alpha > 0 else float(r)  # AdaLoRA: alpha itself (not alpha / r), else the rank
-            # divided by ranknum, which PEFT keeps at init_r even when rank_pattern pruned the stored rank
-            scale = scaling / (init_r + 1e-5)
-        else:
-            alpha = _alpha_for(module, config)
-            scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
-        if _HEAD_MODULE.search(module):
-            head_delta = scale * (b.double() @ a.double())  # [classes, d], folded into the head below
-            report.notes.append(f"the LoRA on '{module}' (rank {r}) was folded into the head")
-            continue
-        m_block, leaf = _BLOCK.search(module), module.rsplit(".", 1)[-1]
-        target = _TARGETS.get(leaf)
-        if m_block is None or target is None:
-            raise AdapterFormatError(f"PEFT module '{module}' is not an attention q/v/qkv projection of a block or the head")
-        i = int(m_block.group(1))
-        if target == "qkv":
-            if b.shape[0] != 3 * d:
-                raise AdapterFormatError(f"'{module}' lora_B has {b.shape[0]} rows, expected 3·{d}")
-            k_part = b[d:2 * d]
-            if k_part.abs().max() > 0:
-                if not drop_k:
-                    raise AdapterFormatError(
-                        f"'{module}' adapts the K rows too (|ΔK| max {float((k_part @ a).abs().max() * scale):.3g}); "
-                        "medlego adapts Q and V only: pass --drop-k to keep Q/V and drop K")
-                report.dropped.append(f"blocks.{i}.k (‖ΔK‖_F = {float((k_part @ a).norm() * scale):.4g})")
-            per_block[(i, "q")] = lowrank_to_svd(b[:d], a, scale)
-            per_block[(i, "v")] = lowrank_to_svd(b[2 * d:], a, scale)
-            report.matrices += 2
-        elif target == "k":
-            if (b @ a).abs().max() > 0 and not drop_k:
-                raise AdapterFormatError(f"'{module}' adapts K; medlego adapts Q and V only: pass --drop-k to drop it")
-            report.dropped.append(f"blocks.{i}.k")
-        else:
-            per_block[(i, target)] = lowrank_to_svd(b, a, scale)
-            report.matrices += 1
-    stored_head = _peft_head(sd)
-    if stored_head is not None:
-        used.update(k for k in sd if re.search(r"(?:^|\.)head(?:\.modules_to_save(?:\.[^.]+)?)?\.(?:weight|bias)$", k))
-    _refuse_unsupported(config, sd, used)
+    return config, kind, load_file(str(weights))
+
+
+def _peft_factors(module: str, sd: dict[str, torch.Tensor], config: dict, kind: str, used: set[str],
+                  report: ConversionReport) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(B, A, scale) of one PEFT module, so that its update is scale · B·A (its tensor names are added
+    to `used`); None when AdaLoRA pruned it to rank 0."""
+    a_key = next(k for k in sd if k.startswith(module + ".lora_A"))
+    b_key = next(k for k in sd if k.startswith(module + ".lora_B") and not k.endswith(".bias"))
+    e_key = next((k for k in sd if k.startswith(module + ".lora_E")), None)
+    used.update(k for k in (a_key, b_key, e_key) if k)
+    a, b = sd[a_key].float(), sd[b_key].float()
+    r = a.shape[0]
+    if r == 0:  # AdaLoRA can prune a matrix to rank 0: no update there
+        report.notes.append(f"'{module}' has rank 0 (pruned): no update")
+        return None
+    if kind == "ADALORA":
+        if e_key is None:
+            raise AdapterFormatError(f"AdaLoRA module '{module}' has no lora_E tensor")
+        a = a * sd[e_key].float().reshape(r, 1)  # lora_A * lora_E, as AdaLoRA computes it
+        init_r = float(config.get("init_r") or r)
+        alpha = float(config.get("lora_alpha", 0))
+        scaling = alpha if alpha > 0 else float(r)  # AdaLoRA: alpha itself (not alpha / r), else the rank
+        # divided by ranknum, which PEFT keeps at init_r even when rank_pattern pruned the stored rank
+        scale = scaling / (init_r + 1e-5)
+    else:
+        alpha = _alpha_for(module, config)
+        scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
+    return b, a, scale
+
+
+def _place_block_lora(module: str, b: torch.Tensor, a: torch.Tensor, scale: float, d: int, drop_k: bool,
+                      per_block: dict[tuple[int, str], LowRank], report: ConversionReport) -> None:
+    """Put one block's attention LoRA into `per_block` as SVD-LoRA: Q and V kept, K refused unless
+    `drop_k` (then reported as dropped)."""
+    m_block, leaf = _BLOCK.search(module), module.rsplit(".", 1)[-1]
+    target = _TARGETS.get(leaf)
+    if m_block is None or target is None:
+        raise AdapterFormatError(f"PEFT module '{module}' is not an attention q/v/qkv projection of a block or the head")
+    i = int(m_block.group(1))
+    if target == "qkv":
+        if b.shape[0] != 3 * d:
+            raise AdapterFormatError(f"'{module}' lora_B has {b.shape[0]} rows, expected 3·{d}")
+        k_part = b[d:2 * d]
+        if k_part.abs().max() > 0:
+            if not drop_k:
+                raise AdapterFormatError(
+                    f"'{module}' adapts the K rows too (|ΔK| max {float((k_part @ a).abs().max() * scale):.3g}); "
+                    "medlego adapts Q and V only: pass --drop-k to keep Q/V and drop K")
+            report.dropped.append(f"blocks.{i}.k (‖ΔK‖_F = {float((k_part @ a).norm() * scale):.4g})")
+        per_block[(i, "q")] = lowrank_to_svd(b[:d], a, scale)
+        per_block[(i, "v")] = lowrank_to_svd(b[2 * d:], a, scale)
+        report.matrices += 2
+    elif target == "k":
+        if (b @ a).abs().max() > 0 and not drop_k:
+            raise AdapterFormatError(f"'{module}' adapts K; medlego adapts Q and V only: pass --drop-k to drop it")
+        report.dropped.append(f"blocks.{i}.k")
+    else:
+        per_block[(i, target)] = lowrank_to_svd(b, a, scale)
+        report.matrices += 1
+
+
+def _peft_final_head(stored_head: Head | None, head: Head | None, head_delta: torch.Tensor | None,
+                     report: ConversionReport) -> Head:
+    """The head the adapter serves: the one PEFT saved, else the caller's, plus any head LoRA folded in."""
     if stored_head is not None and head is not None:
         report.notes.append("the adapter's own head (modules_to_save) was used; --head was not")
     head = stored_head or head
@@ -198,9 +229,7 @@ def convert_peft(path: str | Path, base: BaseModel, task: TaskSpec, *, head: Hea
         if head_delta.shape != head.weight.shape:
             raise AdapterFormatError(f"the head LoRA has shape {list(head_delta.shape)}, the head {list(head.weight.shape)}")
         head = Head((head.weight.double() + head_delta).float(), head.bias)
-    provenance = {"converted_from": {"format": report.kind, "path": str(root), "config": config,
-                                     "dropped": report.dropped}}
-    return _assemble(base, task, per_block, head, provenance), report
+    return head
 
 
 # -- MeLo / LoRA-ViT -----------------------------------------------------------------------------
