@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--weights", help="base weights (default: the merge table's random-init base at 48 px)")
+    p.add_argument("--base", metavar="FILE", help="a pretrained timm state_dict (pretrain_base.py's output); "
+                   "rebuilt with pretrain_base's default recipe when FILE is missing")
     p.add_argument("--sources", nargs="+", metavar="FILE", help="source adapters (default: train the four synthetic specialists)")
     p.add_argument("--source-epochs", type=int, default=EPOCHS)
     p.add_argument("--epochs", type=int, default=6)
@@ -148,6 +150,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch threads (default: min(2, cores))")
     p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP)
     a = p.parse_args(argv)
+    if a.base:  # why a second option: --weights must exist, --base is rebuilt (the weights are not committed)
+        from .pretrain_base import ensure_base
+
+        a.weights = str(ensure_base(a.base, log=lambda m: print(m, flush=True)))
     torch.set_num_threads(a.threads or max(1, min(2, os.cpu_count() or 1)))
     started, load, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), os.getloadavg(), time.perf_counter()
     quiet_determinism()

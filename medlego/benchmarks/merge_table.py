@@ -153,7 +153,7 @@ def _row(cells: dict, specialist: dict | None) -> dict:
 
 def run(datasets: dict[str, Path], base, *, epochs: int, lr: float, batch_size: int = 32, seed: int = 0,
         schedule: str = "cosine", warmup: int = 30, methods=METHODS, save_dir: Path | None = None, full_grid: bool = False,
-        offsets: dict | None = None, train_only: bool = False, log=print) -> dict | None:
+        offsets: dict | None = None, train_only: bool = False, tune_methods: bool = True, log=print) -> dict | None:
     quiet_determinism()
     started = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": os.getloadavg()}
     data = {t: load_dataset(p, input_size=base.input_size, seed=seed) for t, p in datasets.items()}
@@ -183,7 +183,7 @@ def run(datasets: dict[str, Path], base, *, epochs: int, lr: float, batch_size: 
         blocks["defaults"][name] = {**_row(_scores(base, merged, data, model), spec_acc), "parameters": report["parameters"],
                                     "max_rank": merged.max_rank, "merge_seconds": report["seconds"]}
         log(f"{name} (defaults): mean {blocks['defaults'][name]['mean_accuracy']:.3f} ({time.perf_counter() - t_m:.1f}s)")
-        if not method(name).grid:
+        if not method(name).grid or not tune_methods:  # tuning is most of the time; a short run may skip it
             continue
         t_m = time.perf_counter()
         params, record = tune_method(base, sources, name, data, full_grid=full_grid)
@@ -264,10 +264,12 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--weights", help="base weights (default: a random-init base at 48 px)")
+    p.add_argument("--base", metavar="FILE", help="a pretrained timm state_dict (pretrain_base.py's output); "
+                   "rebuilt with pretrain_base's default recipe when FILE is missing")
     p.add_argument("--data", action="append", default=[], metavar="TASK=PATH", help="a real dataset per task")
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--lr", type=float, default=LR)
@@ -288,7 +290,16 @@ def main(argv=None) -> int:
                    "(default: λ, then the density / drop rate at the chosen λ)")
     p.add_argument("--threads", type=int, help="torch threads (default: min(2, cores))")
     p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP)
+    return p
+
+
+def main(argv=None) -> int:
+    p = _parser()
     a = p.parse_args(argv)
+    if a.base:  # why a second option: --weights must exist, --base is rebuilt (the weights are not committed)
+        from .pretrain_base import ensure_base
+
+        a.weights = str(ensure_base(a.base, log=lambda m: print(m, flush=True)))
     if a.train_only and not a.specialists:
         p.error("--train-only needs --specialists DIR (where the specialists are kept)")
     torch.set_num_threads(a.threads or max(1, min(2, os.cpu_count() or 1)))
