@@ -3,7 +3,8 @@
 The application is two deployments: the ingress (``ray_frontend.py``: the REST app and the gRPC
 methods over :class:`~.ray_frontend.RayFrontend`, no engine) and the engine replicas
 (``ray_replica.py``: one engine and batcher each, adapters loaded by ``@serve.multiplexed``);
-``ray_metrics.py`` mirrors engine counters into Ray's metrics. This module builds and runs it:
+``ray_metrics.py`` mirrors engine counters into Ray's metrics; ``ray_resilience.py`` holds the replicas'
+health probe and the ingress's one retry when a replica dies. This module builds and runs it:
 the replicas' shape, ``app_builder`` for ``serve deploy``/``serve run``, and local start/stop.
 
 A fleet: the registry is a PostgreSQL index + an S3 store (``registry_url``, ``registry_store``),
@@ -46,13 +47,21 @@ class ReplicaShape:
     gpus: float = 0.0
     resources: dict | None = None  # custom resources per replica: replicas go only to nodes that offer them
     torch_threads: int | None = None  # engine threads per replica (None: what Ray's OMP_NUM_THREADS gives)
+    # how often Ray runs each replica's check_health (an engine probe, ray_resilience.py); None: Ray's 10 s
+    health_period_s: float | None = None
+    # requests a replica takes at once (None: MedlegoReplica's 512). Ray sends a request to a replica
+    # holding its adapter until that one is full; only then to another (which loads it): a replica added
+    # by autoscaling gets the held adapters' traffic only once the holders are full (docs/fleet.md)
+    max_ongoing: int | None = None
 
     def options(self) -> dict:
         """The keyword arguments of ``MedlegoReplica.options``."""
         actor = {"num_cpus": self.cpus, "num_gpus": self.gpus, **({"resources": dict(self.resources)}
                                                                   if self.resources else {})}
         count = {"autoscaling_config": dict(self.autoscaling)} if self.autoscaling else {"num_replicas": self.replicas}
-        return {**count, "ray_actor_options": actor}
+        health = {} if self.health_period_s is None else {"health_check_period_s": self.health_period_s}
+        ongoing = {} if self.max_ongoing is None else {"max_ongoing_requests": self.max_ongoing}
+        return {**count, **health, **ongoing, "ray_actor_options": actor}
 
 
 def build_app(cfg: ServeConfig, shape: ReplicaShape | None = None):
@@ -86,7 +95,8 @@ _CONFIG_ARGS = {"model": ("base", "model", str), "weights": ("base", "weights", 
                 "registry_cache_max_bytes": ("registry", "cache_max_bytes", int)}
 _SHAPE_ARGS = {"replicas": ("replicas", int), "autoscaling": ("autoscaling", dict), "replica_cpus": ("cpus", float),
                "replica_gpus": ("gpus", float), "replica_resources": ("resources", dict),
-               "torch_threads": ("torch_threads", int)}
+               "torch_threads": ("torch_threads", int), "health_check_period_s": ("health_period_s", float),
+               "max_ongoing_requests": ("max_ongoing", int)}
 
 
 def _shape_from_args(args: dict) -> ReplicaShape:
@@ -113,7 +123,8 @@ def app_builder(args: dict):
     * the replicas: ``replicas`` (a fixed count) or ``autoscaling`` (Ray's autoscaling_config:
       ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, …), ``replica_cpus``,
       ``replica_gpus``, ``replica_resources`` (custom resources each replica needs: placement),
-      ``torch_threads``.
+      ``torch_threads``, ``health_check_period_s`` (how often each replica proves its engine runs a batch),
+      ``max_ongoing_requests`` (per replica; what makes a busy adapter spill to another replica).
 
     Tokens come from the cluster's environment (MEDLEGO_ADMIN_TOKEN, MEDLEGO_API_TOKEN) or the
     config file's token files. An unknown arg is refused (a typo must not deploy defaults).
@@ -152,15 +163,22 @@ LOCAL_SYSTEM_CONFIG = {"max_direct_call_object_size": 1 << 20}  # an image goes 
 
 
 def start_local(cfg: ServeConfig, shape: ReplicaShape | None = None, *, num_cpus: int | None = None,
-                grpc: bool = True, include_dashboard: bool = False):
+                grpc: bool = True, include_dashboard: bool = False, address: str | None = None):
     """Start a local Ray cluster (unless connected to one), Serve's proxies, and deploy; returns the app handle.
 
     A cluster started here gets :data:`LOCAL_SERVE_ENV` (where not set already) and
-    :data:`LOCAL_SYSTEM_CONFIG`; an existing cluster keeps its own settings."""
+    :data:`LOCAL_SYSTEM_CONFIG`; an existing cluster keeps its own settings. `address` (``HEAD:6379``,
+    or ``auto``; default: ``RAY_ADDRESS`` if set) joins a running cluster (``ray start --head``) instead:
+    its resources and settings are its own, so `num_cpus` must not be given then."""
     import os
 
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and not ray.is_initialized():
+        if num_cpus is not None:
+            raise BadInputError("a running Ray cluster has its own CPUs: leave out --num-cpus with --address")
+        ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
     if not ray.is_initialized():
         for key, value in LOCAL_SERVE_ENV.items():
             os.environ.setdefault(key, value)  # read by Ray's processes, which inherit this environment

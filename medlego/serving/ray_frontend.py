@@ -32,6 +32,7 @@ from .grpc_service import MedlegoRPC, RpcMethods
 from .kserve_grpc import KServeMethods, KServeServicer
 from .metrics import CountersOnlyCollector, render
 from .ray_metrics import RayMetricsBridge
+from .ray_resilience import once_more
 from .ray_replica import on_this_node, request_context, unwrap
 from .reads import RegistryReads, off_loop
 
@@ -133,8 +134,9 @@ class RayFrontend(RegistryReads):
             context = request_context()
             routed = True  # from here on the replica audits the request, answer or error
             _mark_audited()
-            out = unwrap(await handle.diagnose.remote(fields, api, context,
-                                                      {"sha256": entry.sha256, "pinned": entry.pinned}))
+            route = {"sha256": entry.sha256, "pinned": entry.pinned}
+            # idempotent: sent once more if its replica dies meanwhile (ray_resilience.py)
+            out = unwrap(await once_more(lambda: handle.diagnose.remote(fields, api, context, route), self.counters))
         except MedlegoError as e:
             self.counters.inc("requests", adapter="", task="", outcome=outcome_of(e), api=api)
             if not routed:

@@ -27,6 +27,7 @@ from medlego.runtime.registry.audit import CURRENT
 
 from .contract import ADMIN_OPERATIONS, DiagnoseItem
 from .ray_metrics import RayMetricsBridge
+from .ray_resilience import EngineProbe, inject_fault
 from .reads import off_loop
 from .service import DiagnosisService
 
@@ -102,6 +103,8 @@ class _Held:
 @serve.deployment(name="MedlegoReplica", max_ongoing_requests=512, ray_actor_options={"num_cpus": 1})
 class MedlegoReplica:
     def __init__(self, config: dict, torch_threads: int | None = None):
+        import os
+
         import ray
         import torch
 
@@ -109,9 +112,12 @@ class MedlegoReplica:
             torch.set_num_threads(torch_threads)
         cfg = on_this_node(config_from_dict(config))
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.node = {"node_id": ray.get_runtime_context().get_node_id(), "cache_dir": cfg.registry.cache_dir}
+        # pid: what an operator needs to find this replica's process (/v1/info, from a replica)
+        self.node = {"node_id": ray.get_runtime_context().get_node_id(), "cache_dir": cfg.registry.cache_dir,
+                     "pid": os.getpid()}
         self.service = DiagnosisService.from_config(cfg, replica=self.replica_id)
         self.service.warmup()
+        self.probe = EngineProbe(self.service)
         self._held: set[str] = set()
         self.requests = 0
         self.hits = 0
@@ -162,6 +168,13 @@ class MedlegoReplica:
                 "node": self.node,
                 "ray_metrics": {"syncs": self.bridge.syncs, "last_error": self.bridge.last_error}}
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
+        """Ray replaces this replica when this raises: the engine must still run a batch (ray_resilience.py)."""
         if not self.service.ready:
             raise RuntimeError("engine not warmed up")
+        await self.probe.check()
+
+    def inject_fault(self, kind: str) -> str:
+        """Test hook, refused unless MEDLEGO_TEST_FAULTS=1 (ray_resilience.py); returns this replica's id."""
+        inject_fault(self.service, kind)
+        return self.replica_id

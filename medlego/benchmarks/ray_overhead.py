@@ -1,0 +1,122 @@
+"""Ray Serve's own cost per request, apart from the machine: the load benchmark twice, once where the
+model is nearly free and once at the real size.
+
+    python -m medlego.benchmarks.ray_overhead --out benchmarks/results
+
+* **tiny**: ``vit_tiny_patch16_224`` built at 32 px (4 patches: ~1 ms of inference for a batch), so
+  at light load (one request in flight) the latency is what serving costs: Ray's light-load p50
+  minus the embedded server's is Ray's fixed cost per request (HTTP proxy → ingress → replica);
+* **224**: the same base at 224 px (inference dominates): one replica's throughput against the
+  embedded server's, under load.
+
+Each runs ``load_bench`` (embedded, then Ray with one replica; every answer checked against the
+in-process engine) with the settings below; the hops inside Ray come from the answers' own timings:
+``proxy → ingress`` = client latency − ``ingress_total``, ``ingress → replica`` = ``ingress_total``
+− the replica's ``total``. The machine may be shared: the 1-minute load average is recorded beside
+every number. Results: ``ray_overhead.{json,md}`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from medlego.benchmarks import load_bench
+from medlego.benchmarks.common import OUT_HELP, results_dir
+
+# (load_bench args) per size; light load: one request in flight, so batching neither helps nor hides
+SIZES = {
+    "tiny": ["--img-size", "32", "--light-requests", "200", "--light-concurrency", "1", "--requests", "384"],
+    "224": ["--img-size", "224", "--light-requests", "48", "--light-concurrency", "1", "--requests", "384"],
+}
+GOALS = {"fixed_cost_ms": 5.0, "throughput_ratio": 0.85}
+
+
+def run_size(size: str, rounds: int, work: Path) -> dict:
+    """load_bench for one size: its report (embedded + Ray 1 replica), written under `work`."""
+    argv = ["--model", "vit_tiny_patch16_224", *SIZES[size], "--rounds", str(rounds), "--modes", "embedded,ray",
+            "--replicas", "1", "--label", f"ray_overhead {size}", "--out", str(work / f"load_bench_{size}")]
+    load_bench.main(argv)
+    report = json.loads((work / f"load_bench_{size}.json").read_text())
+    report["argv"] = argv
+    return report
+
+
+def hops(light: dict) -> dict:
+    """The light-load medians (ms) of the hops inside Ray, from the answers' timings and the client's p50."""
+    s = light.get("stages_ms", {})
+    out = {}
+    if "ingress_total" in s and light.get("p50_ms") is not None:
+        out["proxy_to_ingress_and_back"] = round(light["p50_ms"] - s["ingress_total"], 1)
+    if "ingress_total" in s and "total" in s:
+        out["ingress_to_replica_and_back"] = round(s["ingress_total"] - s["total"], 1)
+    return out
+
+
+def summarize(size: str, report: dict) -> dict:
+    embedded = next(m for m in report["modes"] if m["mode"].startswith("embedded"))
+    ray = next(m for m in report["modes"] if m["mode"].startswith("Ray"))
+    vs = next((c for c in report["vs_embedded"] if c["mode"] == ray["mode"]), {})
+    return {"size": size, "img_size": report["setup"]["img_size"],
+            "embedded_light": {k: embedded["light"].get(k) for k in ("p50_ms", "p99_ms", "load_avg", "stages_ms")},
+            "ray_light": {k: ray["light"].get(k) for k in ("p50_ms", "p99_ms", "load_avg", "stages_ms")},
+            "fixed_cost_ms": vs.get("light_p50_delta_ms"), "ray_hops_ms": hops(ray["light"]),
+            "throughput_ratio": vs.get("throughput_ratio"), "normalized_ratio": vs.get("normalized_ratio"),
+            "embedded_img_s": [r["throughput_img_s"] for r in embedded["rounds"]],
+            "ray_img_s": [r["throughput_img_s"] for r in ray["rounds"]],
+            "round_loads": [r["load_avg"] for m in (embedded, ray) for r in m["rounds"]],
+            "errors": sum(r["errors"] + r["mismatches"] for m in (embedded, ray) for r in m["rounds"])
+            + sum(m["light"]["errors"] + m["light"]["mismatches"] for m in (embedded, ray)),
+            "command": report["command"]}
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    lines = ["# Ray Serve's fixed cost per request, apart from the machine", "",
+             "Light load: one request in flight. Fixed cost = Ray (1 replica) light-load p50 − embedded "
+             f"light-load p50 (goal ≤ {GOALS['fixed_cost_ms']} ms at the tiny size); throughput: one replica / "
+             f"embedded under load (goal ≥ {GOALS['throughput_ratio']} at 224 px). Load: 1-minute load average of "
+             "the shared 2-core machine when each measurement started (other jobs included): where other jobs' load "
+             "changed during the run, the rounds' img/s swing and the ratio measures the machine, not Ray (a ratio "
+             "above 1 is such a case). proxy→ingress = client latency − the ingress's `ingress_total`: Ray's HTTP "
+             "proxy and the client's own HTTP (the embedded server's `outside_server`, below, is that client part); "
+             "ingress→replica = `ingress_total` − the replica's `total`.", "",
+             "| size | embedded p50 (ms) [load] | Ray p50 (ms) [load] | fixed cost (ms) | proxy→ingress (ms) "
+             "| ingress→replica (ms) | img/s embedded / Ray (per round) | Ray / embedded | round loads | errors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
+    for r in rows:
+        e, y, h = r["embedded_light"], r["ray_light"], r["ray_hops_ms"]
+        lines.append(f"| {r['size']} ({r['img_size']} px) | {e['p50_ms']} [{e['load_avg']}] | {y['p50_ms']} "
+                     f"[{y['load_avg']}] | {r['fixed_cost_ms']} | {h.get('proxy_to_ingress_and_back', '')} | "
+                     f"{h.get('ingress_to_replica_and_back', '')} | {r['embedded_img_s']} / {r['ray_img_s']} | "
+                     f"{r['throughput_ratio']} | {r['round_loads']} | {r['errors']} |")
+    lines += ["", "Stages (median ms of the answers' `timings_ms`) at light load:", ""]
+    for r in rows:
+        lines.append(f"* {r['size']}: embedded {r['embedded_light']['stages_ms']}; Ray {r['ray_light']['stages_ms']}")
+    lines += ["", f"Command: `{command}`; each size's load_bench command:", ""]
+    lines += [f"* {r['size']}: `{r['command']}`" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Ray Serve's own cost per request, apart from the machine")
+    p.add_argument("--sizes", default="tiny,224", help="which of: " + ", ".join(SIZES))
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default=None, help=OUT_HELP)
+    args = p.parse_args(argv)
+    out = Path(args.out) if args.out else results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="medlego-ray-overhead-") as tmp:  # load_bench's own files: not kept
+        rows = [summarize(size, run_size(size, args.rounds, Path(tmp))) for size in args.sizes.split(",")]
+    command = shlex.join(["python", "-m", "medlego.benchmarks.ray_overhead", *(argv if argv is not None else sys.argv[1:])])
+    (out / "ray_overhead.json").write_text(json.dumps({"goals": GOALS, "sizes": rows, "command": command}, indent=1))
+    (out / "ray_overhead.md").write_text(markdown(rows, command))
+    print((out / "ray_overhead.md").read_text())
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
