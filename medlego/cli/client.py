@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from .common import add_listing_args
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 # runtime.config's names, spelled here so that the client starts without importing torch
 # (tests/test_cli_help.py checks that they agree)
@@ -40,8 +42,9 @@ def register(sub) -> None:
     d.add_argument("--json", action="store_true", help="the server's JSON answer, one line per image, with 'image' added")
     d.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or DICOM files")
 
-    ls = action("list", "every registered adapter version and alias", _list)
-    ls.add_argument("--json", action="store_true", help="the server's JSON answer")
+    ls = action("list", "registered adapter versions and their aliases, a page at a time", _list)
+    ls.add_argument("--json", action="store_true", help="the server's JSON answer (one line per page with --all)")
+    add_listing_args(ls)
 
     action("describe", "metadata and provenance of NAME, NAME@VERSION or an alias, as JSON", _describe) \
         .add_argument("ref", help="NAME, NAME@VERSION or alias")
@@ -96,15 +99,22 @@ def _diagnose(args) -> int:
 
 
 def _list(args) -> int:
-    listing = _client(args).list()
-    if args.json:
-        _print_json(listing)
-        return 0
-    for a in listing["adapters"]:
-        tasks = ", ".join(f"{t['name']} ({len(t['labels'])} labels)" for t in a["tasks"])
-        print(f"{a['ref']:<24} {tasks}{'  pinned' if a['pinned'] else ''}")
-    for alias, target in listing["aliases"].items():
-        print(f"alias {alias} -> {target}")
+    client, cursor = _client(args), args.cursor
+    while True:
+        listing = client.list(args.limit, cursor, args.prefix, args.task, args.base)
+        cursor = listing.get("next_cursor")
+        if args.json:
+            print(json.dumps(listing) if args.all else json.dumps(listing, indent=2))
+        else:
+            for a in listing["adapters"]:
+                tasks = ", ".join(f"{t['name']} ({len(t['labels'])} labels)" for t in a["tasks"])
+                print(f"{a['ref']:<24} {tasks}{'  pinned' if a['pinned'] else ''}")
+            for alias, target in listing["aliases"].items():
+                print(f"alias {alias} -> {target}")
+        if not cursor or not args.all:
+            break
+    if cursor and not args.json:
+        print(f"more: --cursor {cursor} (or --all)")
     return 0
 
 

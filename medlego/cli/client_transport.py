@@ -42,8 +42,12 @@ class HttpClient:
         fields = {"adapter": adapter, **({"task": task} if task else {}), **({"top_k": str(top_k)} if top_k else {})}
         return self._call("POST", "/v1/diagnose", files={"file": (name, image)}, data=fields)
 
-    def list(self) -> dict:
-        return self._call("GET", "/v1/adapters")
+    def list(self, limit: int | None = None, cursor: str | None = None, prefix: str | None = None,
+             task: str | None = None, base: str | None = None) -> dict:
+        """One page: {"adapters", "aliases", "next_cursor" (absent on the last page)}."""
+        params = {k: v for k, v in (("limit", limit), ("cursor", cursor), ("prefix", prefix), ("task", task),
+                                    ("base", base)) if v is not None}
+        return self._call("GET", "/v1/adapters", params=params)
 
     def describe(self, ref: str) -> dict:
         return self._call("GET", f"/v1/adapters/{ref}")
@@ -95,11 +99,16 @@ class GrpcClient:
                 "top": [{"label": t.label, "probability": t.probability} for t in d.top],
                 "timings_ms": dict(d.timings_ms)}
 
-    def list(self) -> dict:
+    def list(self, limit: int | None = None, cursor: str | None = None, prefix: str | None = None,
+             task: str | None = None, base: str | None = None) -> dict:
         from medlego.serving import medlego_pb2 as pb
 
-        r = self._call("ListAdapters", pb.ListAdaptersRequest())
-        return {"adapters": [_adapter_json(a) for a in r.adapters], "aliases": dict(r.aliases)}
+        if limit is not None and not 1 <= limit <= 2**32 - 1:  # protobuf's uint32 would refuse it less clearly
+            raise BadInputError(f"bad limit {limit}: a page holds 1 to 1000 adapters")
+        r = self._call("ListAdapters", pb.ListAdaptersRequest(limit=limit or 0, cursor=cursor or "", prefix=prefix or "",
+                                                              task=task or "", base=base or ""))
+        page = {"adapters": [_adapter_json(a) for a in r.adapters], "aliases": dict(r.aliases)}
+        return {**page, "next_cursor": r.next_cursor} if r.next_cursor else page
 
     def describe(self, ref: str) -> dict:
         from medlego.serving import medlego_pb2 as pb

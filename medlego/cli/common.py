@@ -74,3 +74,15 @@ def load_base_and_adapter(args):
     base = load_base_from_args(args)
     adapter, _ = load_adapter_ref(args.adapter, data_dir=args.data_dir, expected_base=base.spec)
     return base, adapter
+
+
+def add_listing_args(p: argparse.ArgumentParser) -> None:
+    """A listing is paged (a registry may hold tens of thousands of versions): the same flags for
+    `registry list` and `client list`."""
+    g = p.add_argument_group("paging and filters")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="versions per page: 1 to 1000 (default 100)")
+    g.add_argument("--cursor", metavar="CURSOR", help="start after the page that printed this cursor")
+    g.add_argument("--all", action="store_true", help="follow the cursors: every page, one after the other")
+    g.add_argument("--prefix", metavar="TEXT", help="only names starting with TEXT")
+    g.add_argument("--task", metavar="TASK", help="only adapters with this task")
+    g.add_argument("--base", metavar="FINGERPRINT", help="only adapters for this base (its whole fingerprint)")

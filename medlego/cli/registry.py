@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_base_args, add_registry_args, registry_from_args
+from .common import add_base_args, add_listing_args, add_registry_args, registry_from_args
 
 
 def register(sub) -> None:
@@ -13,16 +13,20 @@ def register(sub) -> None:
     s = p.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
 
     add = s.add_parser("add", help="validate an adapter file against the base and register it as a new version")
-    add.add_argument("name", help="adapter name: letters, digits, '_', '-', '.'")
-    add.add_argument("file", metavar="ADAPTER_FILE", help=".safetensors adapter file")
+    add.add_argument("name", nargs="?", help="adapter name: letters, digits, '_', '-', '.'")
+    add.add_argument("file", nargs="?", metavar="ADAPTER_FILE", help=".safetensors adapter file")
+    add.add_argument("--many", metavar="DIR", help="instead: register every DIR/*.safetensors, each under its file "
+                                                   "name without the suffix, one transaction per --batch files")
+    add.add_argument("--batch", type=int, default=500, metavar="N", help="files per transaction with --many (default 500)")
     add.add_argument("--alias", action="append", default=[], help="also point this alias at the new version")
     add.add_argument("--move-aliases", action="store_true", help="move an --alias that already points elsewhere")
     add.add_argument("--max-rank", type=int, default=None, help="refuse adapters above this rank (default: no limit here; a server refuses or truncates what is above its own [engine] max_rank)")
     add_base_args(add, required=False)
     add.set_defaults(func=_add)
 
-    ls = s.add_parser("list", help="every registered version")
-    ls.add_argument("--json", action="store_true", help="versions and aliases as one JSON object")
+    ls = s.add_parser("list", help="registered versions and their aliases, a page at a time")
+    ls.add_argument("--json", action="store_true", help="each page as one JSON object (one line per page with --all)")
+    add_listing_args(ls)
     ls.set_defaults(func=_list)
 
     show = s.add_parser("show", help="metadata, provenance, size, ranks and tasks of NAME[@VERSION] or an alias")
@@ -55,6 +59,12 @@ def _add(args) -> int:
 
     from medlego.runtime.errors import BadInputError
 
+    if args.many is not None:
+        if args.name or args.file or args.alias:
+            raise BadInputError("give either NAME ADAPTER_FILE [--alias A] or --many DIR, not both")
+        return _add_many(args)
+    if not args.name or not args.file:
+        raise BadInputError("give NAME and ADAPTER_FILE (or --many DIR)")
     if not args.model:
         print("note: no --model/--weights given: validated the format only, not the fit to a base")
     path = Path(args.file)
@@ -71,19 +81,63 @@ def _add(args) -> int:
     return 0
 
 
+def _add_many(args) -> int:
+    """Every *.safetensors of a folder, in name order, one transaction per batch: a batch that fails
+    (a bad file, named in the one-line error) writes nothing; the batches before it stay registered."""
+    import time
+    from pathlib import Path
+
+    from medlego.runtime.errors import BadInputError
+
+    folder = Path(args.many)
+    if not folder.is_dir():
+        raise BadInputError(f"--many needs a folder of .safetensors files: {folder} is not a folder")
+    if not 1 <= args.batch <= 10_000:
+        raise BadInputError(f"bad --batch {args.batch}: 1 to 10000 files per transaction")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise BadInputError(f"no *.safetensors file in {folder}")
+    base = None
+    if args.model:
+        from .common import load_base_from_args
+
+        base = load_base_from_args(args)
+    reg = registry_from_args(args, base=base, max_rank=args.max_rank, create=True)
+    t0, done = time.perf_counter(), 0
+    for start in range(0, len(files), args.batch):
+        chunk = files[start:start + args.batch]
+        done += len(reg.register_many([(p.name[:-len(".safetensors")], p.read_bytes()) for p in chunk]))
+        print(f"registered {done}/{len(files)} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    return 0
+
+
 def _list(args) -> int:
-    reg = registry_from_args(args)
-    entries = reg.list()
-    if args.json:
-        print(json.dumps({"adapters": [e.to_json() for e in entries], "aliases": reg.aliases()}))
-        return 0
-    print(f"{'REF':<28} {'TASKS':<28} {'RANK':>4} {'SIZE':>10}  PINNED  SHA256")
-    for e in entries:
+    from medlego.runtime.registry.listing import check_filters
+
+    reg, filters, cursor = registry_from_args(args), check_filters(args.prefix, args.task, args.base), args.cursor
+    if not args.json:
+        print(f"{'REF':<28} {'TASKS':<28} {'RANK':>4} {'SIZE':>10}  PINNED  SHA256")
+    while True:
+        page = reg.list_page(args.limit, cursor, filters)
+        cursor = page.next_cursor
+        if args.json:
+            print(json.dumps({"adapters": [e.to_json() for e in page.entries], "aliases": page.aliases,
+                              **({"next_cursor": cursor} if cursor else {})}))
+        else:
+            _print_page(page)
+        if not cursor or not args.all:
+            break
+    if cursor and not args.json:
+        print(f"more: --cursor {cursor} (or --all)")
+    return 0
+
+
+def _print_page(page) -> None:
+    for e in page.entries:
         tasks = ",".join(t["name"] for t in e.tasks)
         print(f"{e.ref:<28} {tasks:<28} {e.meta.get('max_rank', 0):>4} {e.size:>10}  {'yes' if e.pinned else 'no':<6}  {e.sha256[:16]}")
-    for alias, target in reg.aliases().items():
+    for alias, target in page.aliases.items():
         print(f"alias {alias} -> {target}")
-    return 0
 
 
 def _show(args) -> int:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
-from safetensors.torch import load as _st_load
 
 from .errors import AdapterFormatError, IncompatibleAdapterError
 
@@ -250,10 +249,12 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, data: bytes, tmp_prefix: str | None = None, mode: int = 0o666) -> None:
+def atomic_write(path: Path, data: bytes, tmp_prefix: str | None = None, mode: int = 0o666, *,
+                 durable: bool = True) -> None:
     """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half.
     The file gets ``mode`` less the user's umask, as ``open(path, "w")`` would make it (mkstemp's own
-    temp files are 0600 whatever the umask; pass ``mode=0o600`` for a secret)."""
+    temp files are 0600 whatever the umask; pass ``mode=0o600`` for a secret). ``durable=False`` skips
+    the fsync, for a cache whose every file is verified by its next reader anyway (a torn one is refetched)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix or f".{path.name}.", suffix=".tmp")
     try:
@@ -261,7 +262,8 @@ def atomic_write(path: Path, data: bytes, tmp_prefix: str | None = None, mode: i
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -343,11 +345,61 @@ def parse_adapter(data: bytes, *, expected_base: BaseSpec | None = None,
     header = read_header(data)
     metadata = header.get("__metadata__") or {}
     meta = _parse_metadata(metadata)
-    try:
-        tensors = _st_load(data)
-    except Exception as e:  # safetensors raises its own error types for corrupt payloads
-        raise AdapterFormatError(f"corrupt safetensors payload: {e}") from None
+    tensors = _views(header, data)
     return _build(meta, tensors, expected_base=expected_base, max_rank=max_rank)
+
+
+# every dtype safetensors names: a non-float one is refused by _build with its name, not as corrupt
+_VIEW_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
+def _views(header: dict, data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors as views of ONE writable copy of the file (safetensors' load copies tensor by tensor
+    and cost most of a cold load), checked as strictly as safetensors checks them: known dtype, sizes
+    that match the shape, and offsets that tile the data section exactly (no gap, no overlap)."""
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    buf = data if isinstance(data, bytearray) else bytearray(data)  # bytes cannot back a tensor safely
+    specs = []
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _VIEW_DTYPES[spec["dtype"]]
+            shape = [int(s) for s in spec["shape"]]
+            begin, end = (int(x) for x in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise AdapterFormatError(f"corrupt safetensors payload: bad header entry for tensor {name[:80]!r}") from None
+        count = math.prod(shape)
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != count * dtype.itemsize:
+            raise AdapterFormatError(f"corrupt safetensors payload: tensor {name[:80]!r} has offsets that do not "
+                                     "match its shape and dtype")
+        specs.append((begin, end, name, dtype, shape, count))
+    specs.sort(key=lambda s: (s[0], s[1]))
+    if [s[0] for s in specs] != [0] + [s[1] for s in specs[:-1]] or (specs[-1][1] if specs else 0) != len(buf) - start:
+        raise AdapterFormatError("corrupt safetensors payload: the tensors' offsets do not cover the data exactly")
+    flat: dict[torch.dtype, torch.Tensor] = {}  # one view of the whole buffer per dtype: as_strided is the cheap op
+    out = {}
+    for begin, _, name, dtype, shape, count in specs:
+        offset, size = start + begin, dtype.itemsize
+        if count == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        elif offset % size:  # not aligned to its element (another writer's padding): a view of its own
+            out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape)
+        else:
+            if dtype not in flat:
+                flat[dtype] = torch.frombuffer(buf, dtype=dtype, count=len(buf) // size)
+            out[name] = torch.as_strided(flat[dtype], shape, _contiguous_strides(shape), offset // size)
+    return out
+
+
+def _contiguous_strides(shape: list[int]) -> list[int]:
+    strides, step = [], 1
+    for s in reversed(shape):
+        strides.append(step)
+        step *= max(s, 1)
+    return strides[::-1]
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -381,7 +433,19 @@ def _parse_metadata(metadata: Mapping[str, str]) -> dict:
         _need(key in metadata, f"missing metadata '{key}'")
     extra = sorted(set(metadata) - set(METADATA_KEYS))
     _need(not extra, f"unexpected metadata key(s): {', '.join(extra)} (allowed: {', '.join(METADATA_KEYS)})")
+    base_spec, tasks, preprocess = _parse_base(metadata), _parse_tasks(metadata), _parse_preprocess(metadata)
+    provenance = _json_field(metadata, "provenance")
+    _need(isinstance(provenance, dict), "metadata 'provenance' must be a JSON object")
+    created = metadata["created"]
+    try:
+        _dt.datetime.fromisoformat(created.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        raise AdapterFormatError(f"metadata 'created' is not an ISO 8601 time: {created!r}") from None
+    return {"base": base_spec, "tasks": tasks, "preprocess": preprocess,
+            "provenance": provenance, "created": created}
 
+
+def _parse_base(metadata: Mapping[str, str]) -> BaseSpec:
     base = _json_field(metadata, "base")
     _need(isinstance(base, dict), "metadata 'base' must be a JSON object")
     for k in ("model", "fingerprint", "embed_dim", "depth"):
@@ -391,8 +455,10 @@ def _parse_metadata(metadata: Mapping[str, str]) -> dict:
           "base.fingerprint must be a lower-case hex string")
     _need(_is_int(base["embed_dim"]) and base["embed_dim"] > 0, "base.embed_dim must be a positive integer")
     _need(_is_int(base["depth"]) and base["depth"] > 0, "base.depth must be a positive integer")
-    base_spec = BaseSpec(base["model"], base["fingerprint"], base["embed_dim"], base["depth"])
+    return BaseSpec(base["model"], base["fingerprint"], base["embed_dim"], base["depth"])
 
+
+def _parse_tasks(metadata: Mapping[str, str]) -> tuple[TaskSpec, ...]:
     tasks_json = _json_field(metadata, "tasks")
     _need(isinstance(tasks_json, list) and tasks_json, "metadata 'tasks' must be a non-empty JSON list")
     tasks: list[TaskSpec] = []
@@ -410,7 +476,10 @@ def _parse_metadata(metadata: Mapping[str, str]) -> dict:
         tasks.append(TaskSpec(name, tuple(labels), ml))
     names = [t.name for t in tasks]
     _need(len(set(names)) == len(names), "task names are not unique")
+    return tuple(tasks)
 
+
+def _parse_preprocess(metadata: Mapping[str, str]) -> Preprocess:
     pp = _json_field(metadata, "preprocess")
     _need(isinstance(pp, dict), "metadata 'preprocess' must be a JSON object")
     for k in ("input_size", "mean", "std", "channels"):
@@ -421,18 +490,9 @@ def _parse_metadata(metadata: Mapping[str, str]) -> dict:
               f"preprocess.{k} must be a list of 3 numbers")
     _need(all(x > 0 for x in pp["std"]), "preprocess.std must be positive")
     _need(pp["channels"] == 3, f"preprocess.channels must be 3 (RGB; grey is replicated), got {pp['channels']!r}")
-    preprocess = Preprocess(pp["input_size"], tuple(float(x) for x in pp["mean"]),
-                            tuple(float(x) for x in pp["std"]), 3)
-
-    provenance = _json_field(metadata, "provenance")
-    _need(isinstance(provenance, dict), "metadata 'provenance' must be a JSON object")
-    created = metadata["created"]
-    try:
-        _dt.datetime.fromisoformat(created.replace("Z", "+00:00"))
-    except (ValueError, AttributeError):
-        raise AdapterFormatError(f"metadata 'created' is not an ISO 8601 time: {created!r}") from None
-    return {"base": base_spec, "tasks": tuple(tasks), "preprocess": preprocess,
-            "provenance": provenance, "created": created}
+    mean, std = pp["mean"], pp["std"]  # three numbers each, checked above
+    return Preprocess(pp["input_size"], (float(mean[0]), float(mean[1]), float(mean[2])),
+                      (float(std[0]), float(std[1]), float(std[2])), 3)
 
 
 def _shape(t: torch.Tensor) -> str:

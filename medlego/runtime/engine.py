@@ -207,7 +207,7 @@ class Engine:
             if future is None:
                 if len(self._loads) >= MAX_PENDING_LOADS:
                     raise OverloadedError(f"{len(self._loads)} adapters are being loaded from the store; retry later")
-                future = self._loader.submit(self.pool.host, sha, lambda: self.registry.read_bytes(entry))
+                future = self._loader.submit(self.pool.host, sha, lambda: self._read(entry))
                 self._loads[sha] = future
                 new = True
             else:
@@ -215,6 +215,18 @@ class Engine:
         if new:  # outside the lock: a callback on a future already done runs at once, in this thread
             future.add_done_callback(lambda f: self._load_done(sha, f))
         return future
+
+    def _read(self, entry: Entry) -> bytes:
+        """A host miss's file, counted by the tier that had it: "node" (this machine's disk) or "store"
+        (downloaded: a node-cache miss). The pool counts the host and device tiers itself."""
+        t0 = time.perf_counter()
+        data, tier = self.registry.read_tiered(entry)
+        self.counters.inc("pool_hits", tier=tier)
+        if tier == "store":
+            self.counters.inc("pool_misses", tier="node")
+        self.counters.inc("pool_loaded_bytes", len(data), tier=tier)
+        self.counters.observe("pool_load_seconds", time.perf_counter() - t0, tier=tier)
+        return data
 
     def _load_done(self, sha: str, future: Future) -> None:
         with self._loads_lock:

@@ -100,9 +100,11 @@ def pack_adapter(adapter: Adapter, rank: int | None = None, dtype: torch.dtype =
     mats = [(adapter.q[i], adapter.v[i]) for i in range(adapter.depth)]
     if all(q.rank == r_max and v.rank == r_max for q, v in mats):
         # the common case (one rank everywhere): one stack per tensor, no zero-fill pass
-        a = torch.stack([torch.stack([q.A, v.A]) for q, v in mats])
-        e = torch.stack([torch.stack([q.E, v.E]) for q, v in mats])
-        b = torch.stack([torch.stack([q.B, v.B]) for q, v in mats])
+        # one stack per tensor over the 2L matrices, then a view: 3 copies, not 3 × (L + 1) (cold-load cost)
+        pairs = [m for q, v in mats for m in (q, v)]
+        a = torch.stack([m.A for m in pairs]).view(adapter.depth, 2, r_max, -1)
+        e = torch.stack([m.E for m in pairs]).view(adapter.depth, 2, r_max)
+        b = torch.stack([m.B for m in pairs]).view(adapter.depth, 2, -1, r_max)
         return a.to(device, dtype), e.to(device, dtype), b.to(device, dtype)
     depth, d = adapter.depth, adapter.base.embed_dim
     a = torch.zeros(depth, 2, r_max, d, dtype=dtype, device=device)

@@ -131,12 +131,17 @@ class AdapterPool:
             pending.wait()  # another thread is loading the same adapter: share its result
         try:
             t0 = time.perf_counter()
-            h = self._load(sha256, read())
+            data = read()
+            t1 = time.perf_counter()
+            h = self._load(sha256, data)
             with self._lock:
                 self._host[sha256] = h
                 self.counters.inc("pool_misses", tier="host")
                 self.counters.inc("pool_loads", tier="disk")
                 self.counters.observe("load_seconds", time.perf_counter() - t0)
+                # the host tier's own share: parse, validate, pack (the read is its source tier's)
+                self.counters.observe("pool_load_seconds", time.perf_counter() - t1, tier="host")
+                self.counters.inc("pool_loaded_bytes", h.nbytes, tier="host")
                 self._trim_host()
             return h
         finally:
@@ -211,7 +216,12 @@ class AdapterPool:
                     self.counters.inc("pool_loads", tier="host")
                 out.append(slot)
         if copies:
+            t0 = time.perf_counter()
             self._copy_in(copies)
+            per_copy = (time.perf_counter() - t0) / len(copies)  # on CUDA: the enqueueing (the copy is async)
+            for _, h in copies:
+                self.counters.observe("pool_load_seconds", per_copy, tier="device")
+                self.counters.inc("pool_loaded_bytes", h.nbytes, tier="device")
         return out
 
     def _take_slot(self, keep: set[str]) -> int:

@@ -12,6 +12,9 @@ Exported (all prefixed ``medlego_``):
     batch_size                                    images per engine batch
     inferences_total{adapter,task}                images diagnosed
     pool_hits_total / pool_misses_total / pool_loads_total / pool_evictions_total {tier}
+        tiers: device (slot), host (copy in memory), node (local disk: folder store or node cache),
+        store (downloaded from S3: a node miss)
+    pool_load_seconds{tier}, pool_loaded_bytes_total{tier}   time and bytes to fill each tier on a miss
     pool_hit_ratio{tier}, pool_resident_adapters{tier}, pool_resident_bytes{tier}, pool_device_slots
     registry_adapters                             registered adapter versions
     queue_depth, inflight_requests, ready
@@ -42,6 +45,9 @@ HELP = {
     "request_seconds": "End-to-end request latency inside the server",
     "batch_size": "Images per engine batch",
     "load_seconds": "Time to load an adapter from disk into host memory",
+    "pool_load_seconds": "Time to bring an adapter into a tier on a miss: store/node = read (download or local "
+                         "disk), host = parse and pack, device = copy into a slot",
+    "pool_loaded_bytes": "Bytes brought into each tier on misses",
     "queue_depth": "Requests waiting in the batcher",
     "inflight_requests": "Diagnosis requests admitted and not yet answered",
     "connections_refused": "HTTP connections closed by the server's guard, by reason (cap, evicted_idle, "

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any, Callable, TypeVar
 
 from medlego.runtime.registry import Registry
+from medlego.runtime.registry.listing import check_filters
 
 from . import limits as checks
 from .audit_recorder import AuditRecorder
@@ -36,9 +37,16 @@ class RegistryReads:
     recorder: AuditRecorder
     engine = None  # the engine whose serving rules a description reports (None: no engine here)
 
-    async def list_adapters(self) -> dict:
+    async def list_adapters(self, limit: int | None = None, cursor: str | None = None, prefix: str | None = None,
+                            task: str | None = None, base: str | None = None) -> dict:
+        filters = check_filters(prefix, task, base)  # before the thread pool: a bad filter costs no hop
+
         def listing():
-            return {"adapters": [e.to_json() for e in self.registry.list()], "aliases": self.registry.aliases()}
+            page = self.registry.list_page(limit, cursor, filters)
+            out: dict = {"adapters": [e.to_json() for e in page.entries], "aliases": page.aliases}
+            if page.next_cursor:
+                out["next_cursor"] = page.next_cursor
+            return out
         return await off_loop(listing)
 
     async def describe(self, ref: str) -> dict:

@@ -10,7 +10,9 @@ One API, the same semantics on every backend pair::
 
 Tables: ``adapters`` (name, version) → sha256, size, created, pinned, meta; ``aliases`` alias →
 (name, version, or NULL for the latest); ``objects`` (sha256): the lock row of each object, created
-by whoever needs it (so a registry made before this table existed needs no migration).
+by whoever needs it (so a registry made before this table existed needs no migration);
+``adapter_tags`` (kind, value, name, version): what listings filter on, back-filled on open
+(``listing.py``: keyset pages of any registry size).
 
 **The protocol** — why a listed version's file never disappears, with writers in several
 processes on several machines, under PostgreSQL READ COMMITTED:
@@ -56,21 +58,26 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..adapter import Adapter, BaseSpec, parse_adapter, sha256_hex
 from ..errors import AdapterFormatError, AdapterNotFoundError, AdapterPinnedError, ConflictError, MedlegoError
+from . import listing
 from .index import open_index
+from .listing import Filters, Page
 from .names import MAX_VERSION, check_name, check_version, parse_ref
 from .store import open_store
 
-__all__ = ["DEFAULT_CACHE_MAX_BYTES", "GC_GRACE_S", "MAX_PROVENANCE_BYTES", "Entry", "Registry", "parse_ref"]
+__all__ = ["DEFAULT_CACHE_MAX_BYTES", "GC_GRACE_S", "MAX_PROVENANCE_BYTES", "Entry", "Filters", "Page", "Registry",
+           "parse_ref"]
 
 DEFAULT_CACHE_MAX_BYTES = 2 * 1024**3  # node-local cache of an S3 store: ~3,500 ViT-B r=4 adapters (~0.6 MB)
 MAX_PROVENANCE_BYTES = 64 * 1024  # provenance JSON is stored in every index row and returned by describe
 GC_GRACE_S = 3600.0  # a temp file this old is an upload whose writer died, even on another host
 META_CACHE_ENTRIES = 4096
+PUT_THREADS = 8  # concurrent uploads of one register_many batch
 
 _log = logging.getLogger(__name__)
 
@@ -141,6 +148,7 @@ class Registry:
         self._store = open_store(store, self.root, cache, cache_max_bytes)
         self._index = open_index(url, self.root)
         self._meta = functools.lru_cache(maxsize=META_CACHE_ENTRIES)(self._read_meta)
+        listing.backfill_tags(self._index)  # a registry made before listings could filter
 
     @property
     def index(self):
@@ -215,6 +223,34 @@ class Registry:
         An alias that already exists is moved to the new version only with move_aliases=True.
         `check` is the caller's extra validation (e.g. a numeric probe); what it raises propagates
         and nothing is written."""
+        aliases, sha, meta = self._prepare(name, data, aliases, check)
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        version = self._index.write(lambda tx: self._insert(tx, name, data, sha, meta, created, aliases, move_aliases))
+        return Entry(name, version, sha, len(data), created, False, meta["tasks"], meta)
+
+    def register_many(self, items, *, check=None) -> list[Entry]:
+        """Register [(name, bytes)] in ONE transaction (a batch: all or none); each is validated first.
+        The next version of each name, no aliases. `medlego registry add --many` cuts a folder into batches."""
+        prepared = []
+        for name, data in items:
+            try:
+                prepared.append((name, data, *self._prepare(name, data, (), check)[1:]))
+            except MedlegoError as e:  # which of the batch: the whole batch is refused for it
+                raise type(e)(f"{str(name)[:128]}: {e}") from None
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+        def write(tx) -> list[int]:
+            versions = [self._insert(tx, name, data, sha, meta, created, [], False, put=False)
+                        for name, data, sha, meta in prepared]
+            self._put_all({sha: data for _, data, sha, _ in prepared})  # still under the locks, before the commit
+            return versions
+
+        versions = self._index.write(write)
+        return [Entry(name, v, sha, len(data), created, False, meta["tasks"], meta)
+                for (name, data, sha, meta), v in zip(prepared, versions)]
+
+    def _prepare(self, name: str, data: bytes, aliases, check) -> tuple[list[str], str, dict]:
+        """Everything checked before any write: (aliases, sha256, the index's meta)."""
         check_name(name)
         aliases = list(dict.fromkeys(check_name(a, "alias") for a in aliases))
         if name in aliases:
@@ -234,33 +270,44 @@ class Registry:
             "provenance": dict(adapter.provenance),
             "adapter_created": adapter.created,
         }
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return aliases, sha, meta
 
-        def write(tx) -> int:
-            tx.lock_names(shared=[name], exclusive=aliases)
-            tx.run(_LOCK_OBJECT, (sha,))
-            if tx.one("SELECT 1 FROM aliases WHERE alias = ?", (name,)):
-                raise ConflictError(f"'{name}' is an alias; pick another adapter name")
-            for a in aliases:
-                if tx.one("SELECT 1 FROM adapters WHERE name = ? LIMIT 1", (a,)):
-                    raise ConflictError(f"'{a}' is an adapter name; an alias must not shadow it")
-                current = tx.one("SELECT name, version FROM aliases WHERE alias = ?", (a,))
-                if current and not move_aliases:
-                    raise ConflictError(f"alias '{a}' already points at {_target(*current)}; "
-                                        "pass move_aliases to move it")
-            latest = tx.all("SELECT MAX(version) FROM adapters WHERE name = ?", (name,))[0][0] or 0
-            if latest >= MAX_VERSION:
-                raise ConflictError(f"adapter '{name}' has reached the last version number {MAX_VERSION}")
-            tx.run("INSERT INTO adapters VALUES (?, ?, ?, ?, ?, 0, ?)",
-                   (name, latest + 1, sha, len(data), created, json.dumps(meta)))
-            for a in aliases:
-                tx.run(_UPSERT_ALIAS, (a, name, latest + 1))
-            if not self._store.exists(sha):  # also after a reap that ran just before this lock
-                self._store.put(sha, data)
-            return latest + 1
+    def _put_all(self, objects: dict[str, bytes]) -> None:
+        """Put the objects the store lacks, PUT_THREADS at a time: a batch's uploads overlap (S3 answers
+        each in milliseconds; a folder store's fsyncs overlap too). Bounded, as every S3 client here is."""
+        def put(item: tuple[str, bytes]) -> None:
+            if not self._store.exists(item[0]):
+                self._store.put(*item)
 
-        version = self._index.write(write)
-        return Entry(name, version, sha, len(data), created, False, meta["tasks"], meta)
+        with ThreadPoolExecutor(max(1, min(PUT_THREADS, len(objects))), thread_name_prefix="medlego-put") as pool:
+            list(pool.map(put, objects.items()))
+
+    def _insert(self, tx, name: str, data: bytes, sha: str, meta: dict, created: str, aliases: list[str],
+                move_aliases: bool, *, put: bool = True) -> int:
+        """The registration's writes in tx (see the protocol); the new version. put=False: the caller
+        puts the object itself before the commit (register_many, all of a batch's at once)."""
+        tx.lock_names(shared=[name], exclusive=aliases)
+        tx.run(_LOCK_OBJECT, (sha,))
+        if tx.one("SELECT 1 FROM aliases WHERE alias = ?", (name,)):
+            raise ConflictError(f"'{name}' is an alias; pick another adapter name")
+        for a in aliases:
+            if tx.one("SELECT 1 FROM adapters WHERE name = ? LIMIT 1", (a,)):
+                raise ConflictError(f"'{a}' is an adapter name; an alias must not shadow it")
+            current = tx.one("SELECT name, version FROM aliases WHERE alias = ?", (a,))
+            if current and not move_aliases:
+                raise ConflictError(f"alias '{a}' already points at {_target(*current)}; "
+                                    "pass move_aliases to move it")
+        latest = tx.all("SELECT MAX(version) FROM adapters WHERE name = ?", (name,))[0][0] or 0
+        if latest >= MAX_VERSION:
+            raise ConflictError(f"adapter '{name}' has reached the last version number {MAX_VERSION}")
+        tx.run("INSERT INTO adapters VALUES (?, ?, ?, ?, ?, 0, ?)",
+               (name, latest + 1, sha, len(data), created, json.dumps(meta)))
+        listing.write_tags(tx, name, latest + 1, sha, meta)
+        for a in aliases:
+            tx.run(_UPSERT_ALIAS, (a, name, latest + 1))
+        if put and not self._store.exists(sha):  # also after a reap that ran just before this lock
+            self._store.put(sha, data)
+        return latest + 1
 
     def delete(self, name: str, version: int | None = None) -> list[Entry]:
         """Delete one version (or every version when None). Refused while pinned or aliased."""
@@ -281,6 +328,7 @@ class Registry:
                     raise ConflictError(f"alias '{alias}' points at {_target(name, v)}; move or remove the alias first")
             for r in doomed:
                 tx.run("DELETE FROM adapters WHERE name = ? AND version = ?", (name, r[1]))
+                listing.delete_tags(tx, name, r[1])
             return [self._entry(r[:6], r[6]) for r in doomed]
 
         entries = self._index.write(write)
@@ -368,8 +416,26 @@ class Registry:
         return self._entry(rows[0])
 
     def list(self) -> list[Entry]:
+        """Every version at once: for small registries and tools; servers answer with :meth:`list_page`."""
         rows = self._index.read(f"SELECT {_COLUMNS}, meta FROM adapters ORDER BY name, version")
         return [self._entry(r[:6], r[6]) for r in rows]
+
+    def list_page(self, limit: int | None = None, cursor: str | None = None, filters: Filters = Filters()) -> Page:
+        """One page of versions in (name, version) order after `cursor` (None: the first page), at a cost
+        independent of the registry's size (registry/listing.py). BadInputError for a bad limit or cursor."""
+        limit = listing.check_limit(limit)
+        after = listing.decode_cursor(cursor, filters)
+        sql, params = listing.page_sql(filters, after, limit)
+        rows = self._index.read(sql, params)
+        page = Page([self._entry(r[2:8], r[8]) for r in rows[:limit] if r[2] is not None])
+        entries = page.entries
+        if len(rows) > limit:  # the cursor is the last key read, even one whose version was gone
+            page.next_cursor = listing.encode_cursor(rows[limit - 1][0], rows[limit - 1][1], filters)
+        if entries:
+            names = {e.name for e in entries}
+            sql, params = listing.alias_sql(entries[0].name, entries[-1].name)
+            page.aliases = {a: _target(n, v) for a, n, v in self._index.read(sql, params) if n in names}
+        return page
 
     def aliases(self) -> dict[str, str]:
         rows = self._index.read("SELECT alias, name, version FROM aliases ORDER BY alias")
@@ -388,10 +454,14 @@ class Registry:
 
     def read_bytes(self, entry: Entry) -> bytes:
         """The adapter file's bytes, verified against entry.sha256."""
-        data = self._store.get(entry.sha256)
+        return self.read_tiered(entry)[0]
+
+    def read_tiered(self, entry: Entry) -> tuple[bytes, str]:
+        """:meth:`read_bytes` and the tier that had them: "node" (local disk) or "store" (downloaded)."""
+        data, tier = self._store.get_tiered(entry.sha256)
         if data is None:
             raise AdapterNotFoundError(f"adapter {entry.ref} is no longer in the store (deleted)")
-        return data
+        return data, tier
 
     def local_path(self, entry: Entry) -> Path:
         """A file on this machine with the entry's verified bytes (the store's file, or the node cache's)."""

@@ -42,6 +42,15 @@ _SCHEMA = (
         name TEXT COLLATE "C" NOT NULL,
         version INTEGER)""",
     "CREATE INDEX IF NOT EXISTS adapters_by_sha256 ON adapters (sha256)",
+    # what listings filter on besides the name, keyset-paged by (name, version): see registry/listing.py
+    """CREATE TABLE IF NOT EXISTS adapter_tags (
+        kind TEXT COLLATE "C" NOT NULL,
+        value TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        version INTEGER NOT NULL,
+        PRIMARY KEY (kind, value, name, version))""",
+    "CREATE INDEX IF NOT EXISTS adapter_tags_by_adapter ON adapter_tags (name, version)",
+    "CREATE INDEX IF NOT EXISTS aliases_by_name ON aliases (name)",
     # the lock row of an object (see registry.py); whoever needs a missing one creates it
     "CREATE TABLE IF NOT EXISTS objects (sha256 TEXT PRIMARY KEY)",
 )

@@ -37,6 +37,16 @@ CREATE TABLE IF NOT EXISTS aliases (
     version INTEGER  -- NULL: follow the latest version of name
 );
 CREATE INDEX IF NOT EXISTS adapters_by_sha256 ON adapters (sha256);
+-- what listings filter on besides the name, keyset-paged by (name, version): see registry/listing.py
+CREATE TABLE IF NOT EXISTS adapter_tags (
+    kind TEXT NOT NULL,  -- 'task' or 'base'
+    value TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (kind, value, name, version)
+);
+CREATE INDEX IF NOT EXISTS adapter_tags_by_adapter ON adapter_tags (name, version);
+CREATE INDEX IF NOT EXISTS aliases_by_name ON aliases (name);
 CREATE TABLE IF NOT EXISTS objects (sha256 TEXT PRIMARY KEY)  -- an object's lock row (see registry.py)
 """
 

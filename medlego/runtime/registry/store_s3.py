@@ -101,13 +101,16 @@ class S3Store(Store):
                 return body.read()
 
     def get(self, sha: str) -> bytes | None:
+        return self.get_tiered(sha)[0]
+
+    def get_tiered(self, sha: str) -> tuple[bytes | None, str]:
         data = self.cache.get(sha)
-        if data is None:
-            data = self._download(sha)
-            if data is None:
-                return None
+        if data is not None:
+            return data, "node"
+        data = self._download(sha)
+        if data is not None:
             self._cache(sha, verified(sha, data))
-        return data
+        return data, "store"
 
     def _cache(self, sha: str, data: bytes) -> None:
         """Keep verified bytes in the node cache; a cache that cannot (its disk full) costs a warning, not the read."""
