@@ -235,6 +235,19 @@ def test_grpc_diagnoses_are_audited_and_queried_with_roles(setup):
                                                        metadata=[("authorization", f"Bearer {TOKENS['carol'][1]}")]).rows_json]
         assert sorted((x["caller"], x["api"], x["adapter"], x["request_id"]) for x in rows) == sorted(
             [("bob", "grpc", "derma@1", "grpc-1"), ("bob", "grpc", "", rid)])  # the failure is audited under its id
+        # paged as GET /v1/audit: next_after is the cursor, 0 after the last page; pages neither overlap nor skip
+        carol = [("authorization", f"Bearer {TOKENS['carol'][1]}")]
+        srv.service.audit.flush()
+        everything = [json.loads(x)["seq"] for x in stub.QueryAudit(pb.AuditRequest(), metadata=carol).rows_json]
+        paged, after = [], 0
+        while True:
+            page = stub.QueryAudit(pb.AuditRequest(limit=1, after=after), metadata=carol)
+            paged += [json.loads(x)["seq"] for x in page.rows_json]
+            if not page.next_after:
+                break
+            assert page.next_after == paged[-1] and len(page.rows_json) == 1
+            after = page.next_after
+        assert len(everything) >= 2 and paged == everything
         for who, call in (("alice", lambda md: stub.QueryAudit(pb.AuditRequest(), metadata=md)),
                           ("carol", lambda md: stub.Diagnose(pb.DiagnoseRequest(image=image, adapter="derma"), metadata=md))):
             with pytest.raises(grpc.RpcError) as e:

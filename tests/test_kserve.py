@@ -36,6 +36,7 @@ def _h() -> dict:
 GRPC_BEARER = {"authorization": f"Bearer {TOKEN}"}
 NAMES = ["blood", "derma", "chest", "retina"]
 BODY_LIMIT = 1_000_000
+ELEMENT_CAP = 100_000  # values in one body: REST JSON, and each gRPC input tensor
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def data_dir(tmp_path_factory, tiny_base):
 def server(tiny_base_file, data_dir):
     # a long batching window: concurrent requests meet in one engine batch
     srv = start_server(tiny_base_file, data_dir, auth=Auth(api_token=TOKEN),
-                       limits=Limits(max_body_bytes=BODY_LIMIT, max_image_bytes=BODY_LIMIT // 2),
+                       limits=Limits(max_body_bytes=BODY_LIMIT, max_image_bytes=BODY_LIMIT // 2,
+                                     max_json_elements=ELEMENT_CAP),
                        batching=BatchingConfig(max_batch=16, max_wait_ms=250), grpc=True)
     yield srv
     srv.stop()
@@ -228,6 +230,30 @@ def test_unknown_model_is_404_and_not_found(http_client, grpc_client, server):
     assert e.value.status() == "StatusCode.NOT_FOUND"
     r = httpx.get(server.url + "/v2/models/nope", headers=BEARER)
     assert r.status_code == 404 and "nope" in r.json()["error"]
+
+
+def test_grpc_tensor_above_the_element_cap_is_refused_before_it_is_built(server):
+    """ModelInfer's input is capped like the REST body: a tensor of more elements than max_json_elements
+    (here 100,000 fp32_contents in a 0.4 MB message, under the upload limit) is RESOURCE_EXHAUSTED with
+    the reason, and one within the cap still answers."""
+    from medlego.serving import kserve_v2_pb2 as v2
+    from medlego.serving import kserve_v2_pb2_grpc as v2_grpc
+
+    def request(n_images: int):
+        values = np.random.default_rng(3).random(n_images * 3 * 32 * 32, dtype=np.float32)
+        t = v2.ModelInferRequest.InferInputTensor(name="pixel_values", datatype="FP32", shape=[n_images, 3, 32, 32])
+        t.contents.fp32_contents.extend(values.tolist())
+        return v2.ModelInferRequest(model_name="blood", inputs=[t])
+
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        stub = v2_grpc.GRPCInferenceServiceStub(ch)
+        big = request(ELEMENT_CAP // (3 * 32 * 32) + 1)
+        assert big.ByteSize() < BODY_LIMIT
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(big, metadata=[("authorization", f"Bearer {TOKEN}")])
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "the limit is 100000" in (e.value.details() or "")
+        ok = stub.ModelInfer(request(2), metadata=[("authorization", f"Bearer {TOKEN}")])
+        assert list(ok.outputs[0].shape)[0] == 2 and ok.parameters["sha256"].string_param
 
 
 def test_token_body_limit_reflection_and_health(http_client, grpc_client, server):

@@ -58,13 +58,13 @@ def test_an_unsorted_spectrum_is_sorted_first():
     assert (dropped, total) == pytest.approx((0.6, 5.6))
 
 
-def _server(base_file, data_dir, over_rank: str) -> EmbeddedServer:
+def _server(base_file, data_dir, over_rank: str, grpc_port: int | None = None) -> EmbeddedServer:
     cfg = ServeConfig()
     cfg.base.model, cfg.base.weights = TINY_MODEL, str(base_file)
     cfg.server.data_dir = str(data_dir)
     cfg.engine.max_rank, cfg.engine.over_rank, cfg.engine.slots = CAP, over_rank, 4
     cfg.auth.admin_token = ADMIN
-    return EmbeddedServer(DiagnosisService.from_config(cfg), host="127.0.0.1", port=0, grpc_port=None).start()
+    return EmbeddedServer(DiagnosisService.from_config(cfg), host="127.0.0.1", port=0, grpc_port=grpc_port).start()
 
 
 def _register(client, name, adapter):
@@ -113,6 +113,57 @@ def test_served_truncated_with_the_dropped_mass_everywhere(tmp_path, tiny_base_f
 
     rows = query(Registry(tmp_path / "reg").index, kind="diagnosis", adapter="general")
     assert rows and all(row["rank_truncation"] == expected for row in rows)  # and in the audit row
+
+
+def test_truncation_in_v2_and_grpc_answers(tmp_path, tiny_base_file, merged):
+    """The same report in the Open Inference Protocol's answer `parameters` (REST and gRPC, read with
+    tritonclient) and in medlego.v1's DiagnoseResponse and DescribeAdapter over gRPC."""
+    import json
+
+    import grpc
+    import numpy as np
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+
+    from medlego.serving import medlego_pb2 as pb
+    from medlego.serving import medlego_pb2_grpc as pb_grpc
+
+    full, capped = merged
+    expected = truncate_rank(full, CAP)[1]
+    assert expected is not None
+    task = full.task_names[0]
+    image = encode_png(torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(6)).numpy())
+    srv = _server(tiny_base_file, tmp_path / "reg", "truncate", grpc_port=0)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            assert _register(c, "general", full).status_code == 201 and _register(c, "capped", capped).status_code == 201
+        v2_params = {}
+        for name in ("general", "capped"):
+            for kind, module, client in (("http", thttp, thttp.InferenceServerClient(srv.url.removeprefix("http://"))),
+                                         ("grpc", tgrpc, tgrpc.InferenceServerClient(srv.grpc_target))):
+                inp = module.InferInput("image", [1], "BYTES")
+                inp.set_data_from_numpy(np.array([image], dtype=np.object_))
+                task_in = module.InferInput("task", [1], "BYTES")
+                task_in.set_data_from_numpy(np.array([task.encode()], dtype=np.object_))
+                response = client.infer(name, [inp, task_in]).get_response()  # type: ignore[union-attr]
+                params = response["parameters"] if kind == "http" else {  # type: ignore[index]
+                    k: v.string_param for k, v in response.parameters.items()}  # type: ignore[union-attr]
+                v2_params[name, kind] = params
+        for kind in ("http", "grpc"):
+            assert json.loads(v2_params["general", kind]["rank_truncation"]) == expected, kind
+            assert "rank_truncation" not in v2_params["capped", kind] and v2_params["capped", kind]["sha256"]
+        assert srv.grpc_target is not None
+        with grpc.insecure_channel(srv.grpc_target) as ch:
+            stub = pb_grpc.MedlegoStub(ch)
+            for name, truncated in (("general", True), ("capped", False)):
+                answer = stub.Diagnose(pb.DiagnoseRequest(adapter=name, task=task, image=image))
+                described = stub.DescribeAdapter(pb.DescribeAdapterRequest(ref=name))
+                assert answer.HasField("rank_truncation") is truncated and described.HasField("rank_truncation") is truncated
+            t = stub.Diagnose(pb.DiagnoseRequest(adapter="general", task=task, image=image)).rank_truncation
+            assert (t.rank, t.served_rank, t.matrices_truncated) == (expected["rank"], CAP, expected["matrices_truncated"])
+            assert t.dropped_mass == pytest.approx(expected["dropped_mass"])
+    finally:
+        srv.stop()
 
 
 def test_serve_flags_reach_the_engine_settings():

@@ -1,13 +1,14 @@
 """The documents' examples run as written: the README's set-up (`medlego demo`), then every shell (and
-Python) block of the README's *Two-minute quickstart* and *Serving in one minute* and of
-docs/serving.md, in that order, in one bash shell, in one fresh folder.
+Python) block of the README's *Two-minute quickstart* and *Serving in one minute*, of docs/serving.md
+and of docs/fleet.md's *A fleet* (a fleet on one machine: `medlego dev-fleet`, two servers sharing its
+PostgreSQL and S3), in that order, in one bash shell, in one fresh folder.
 
 What a new user does, step by step, after `pip install`: blocks use only the files earlier blocks
 made (the demo folder, `medlego samples -o …`, the adapter the quickstart trains) and the tools the
 install provides. A block that needs what CI cannot have (a real base's weights, a GPU, a cluster)
 carries ``<!-- not run in CI: reason -->`` on the line before its fence; it is left out, and its
-reason is printed. docs/fleet.md (a Ray cluster, a PostgreSQL host and S3 on several nodes) is not run:
-tests/test_ray_serve.py, test_fleet_servers.py and test_dev_fleet.py cover what it shows.
+reason is printed. docs/fleet.md's *Ray Serve* section (a real base's weights, a cluster) and its real-machines
+block are not run: tests/test_ray_serve.py, test_ray_fleet.py and test_fleet_servers.py cover them.
 
 The blocks run under ``set -euo pipefail``: the first command that fails ends the run, and the test
 fails naming its block. A server a block starts in the background (``medlego serve … &``) is stopped
@@ -36,7 +37,8 @@ README = ROOT / "README.md"
 MARKER = re.compile(r"^<!--\s*not run in CI:\s*(.+?)\s*-->$")
 RUN_LANGS = ("bash", "sh", "shell", "python")
 # the documents whose blocks run, in this order, and which of their ## sections (None: all of them)
-DOCUMENTS = ((README, ("Two-minute quickstart", "Serving in one minute")), (ROOT / "docs" / "serving.md", None))
+DOCUMENTS = ((README, ("Two-minute quickstart", "Serving in one minute")), (ROOT / "docs" / "serving.md", None),
+             (ROOT / "docs" / "fleet.md", ("A fleet",)))
 PORTS = (8000, 50051)  # what the README's examples use, as a user types them
 DEMO_ANSWER = re.compile(r"^answer \(HTTP 200\): (?:top label: (?P<top>.+); true label: (?P<truth>.+)"
                          r"|labels above 0\.5: (?P<found>.+); true labels: (?P<present>.+)) \[(?P<mark>right|wrong)\]$",
@@ -170,6 +172,7 @@ def test_readme_has_blocks_to_run_and_marks_the_rest():
     assert ("README.md", "Two-minute quickstart") in headings and ("README.md", "Serving in one minute") in headings
     for sub in ("Start a server", "REST", "gRPC", "Open Inference Protocol (KServe v2)"):
         assert ("serving.md", sub) in headings, sub
+    assert ("fleet.md", "A fleet") in headings and "medlego dev-fleet" in "\n".join(b.text for b in run)
     text = "\n".join(b.text for b in run)
     assert "grpcurl" not in text, "README examples use only what the install provides: medlego client"
     assert "medlego samples -o" in text and "medlego client" in text and "kill %1" in text
@@ -211,7 +214,7 @@ def test_readme_blocks_run_as_written(tmp_path):
 
     # then every selected block, in order, in one shell
     rc, out, blocks_s = _run(_script(run, work), work, timeout=900, prefix=network)
-    print(f"{len(run)} blocks of README.md and docs/serving.md: {blocks_s:.0f} s")
+    print(f"{len(run)} blocks of README.md, docs/serving.md and docs/fleet.md: {blocks_s:.0f} s")
     failed = re.search(r"^@@ FAILED: .*$", out, re.M)
     assert rc == 0 and "@@ all blocks ran" in out, (failed.group(0) if failed else f"exit {rc}") + "\n" + out[-6000:]
     assert "\r" not in out, "progress output in a pipe must not use carriage returns"

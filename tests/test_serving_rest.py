@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import concurrent.futures as cf
 import re
 import threading
@@ -18,10 +19,11 @@ from conftest import TINY_MODEL
 from medlego.jobs.synthetic import encode_dicom, encode_jpeg, encode_png, random_adapter, random_image
 from medlego.runtime.adapter import TaskSpec
 from medlego.runtime.base import load_base
-from medlego.runtime.config import BatchingConfig, EngineConfig, Limits
+from medlego.runtime.config import AuditConfig, BatchingConfig, EngineConfig, Limits
 from medlego.runtime.engine import Engine
 from medlego.runtime.imaging import decode_image, preprocess
 from medlego.runtime.registry import Registry
+from medlego.runtime.registry.audit import AuditLog
 from medlego.serving.auth import Auth
 from medlego.serving.server import EmbeddedServer
 from waiting import wait_until
@@ -321,6 +323,7 @@ def test_limits_give_413_and_400(tiny_base_file, data_dir, tiny_base):
 
 def test_overloaded_answers_503_with_retry_after(tiny_base_file, data_dir):
     srv = start_server(tiny_base_file, data_dir, batching=BatchingConfig(max_batch=1, max_wait_ms=0, max_queue=1))
+    srv.service.audit = AuditLog(srv.service.registry.index, AuditConfig())
     engine = srv.service.engine
     gate = threading.Event()
     original = engine.run
@@ -346,6 +349,12 @@ def test_overloaded_answers_503_with_retry_after(tiny_base_file, data_dir):
         assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
         over = [r for r in rs if r.status_code == 503][0]
         assert over.headers["retry-after"] == "1" and "overloaded" in over.json()["detail"]
+        # each refusal is audited under its own request id, with the image's digest (hashed off the event loop)
+        rows = {row["request_id"]: row for row in srv.service.recorder.query(srv.service.registry.index, kind="refused")}
+        for r in rs:
+            if r.status_code == 503:
+                row = rows[r.headers["x-request-id"]]
+                assert row["outcome"] == "overloaded" and row["image_sha256"] == hashlib.sha256(png).hexdigest(), row
         # the worker survived: the server still answers
         assert send(0).status_code == 200
     finally:

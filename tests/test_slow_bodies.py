@@ -224,6 +224,23 @@ def test_a_large_json_body_does_not_freeze_healthz(server, path, make):
     probe.assert_fast()
 
 
+def test_multipart_parts_are_bounded_and_malformed_bodies_are_400(server):
+    """The parser's own bounds, as Starlette's were: at most 256 parts, text fields up to 64 KiB, and a
+    body cut before its closing boundary is a 400 that says so."""
+    auth = {"Authorization": f"Bearer {API}"}
+    many = [("task", (None, b"t")) for _ in range(300)] + [("file", ("a.png", b"x"))]
+    r = httpx.post(server.url + "/v1/diagnose", files=many, data={"adapter": "s0"}, headers=auth, timeout=60)
+    assert r.status_code == 400 and "more than 256 parts" in r.json()["detail"], r.text
+    r = httpx.post(server.url + "/v1/diagnose", files={"file": ("a.png", b"x")}, data={"adapter": "s0" * 40_000},
+                   headers=auth, timeout=60)
+    assert r.status_code == 400 and "above 65536 bytes" in r.json()["detail"], r.text
+    body = b'--B\r\nContent-Disposition: form-data; name="adapter"\r\n\r\ns0\r\n--B\r\nContent-Disposition: ' \
+        b'form-data; name="file"; filename="a.png"\r\n\r\nxyz'
+    r = httpx.post(server.url + "/v1/diagnose", content=body, timeout=60,
+                   headers={**auth, "Content-Type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 400 and "ends before its closing boundary" in r.json()["detail"], r.text
+
+
 def test_too_many_json_values_is_413_before_parsing(server):
     limit = Limits().max_json_elements
     body = b'{"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [1], "data": [' + \

@@ -234,6 +234,55 @@ def test_full_disk_under_the_sqlite_index_is_507_and_rolls_back(disks):
     index.close()
 
 
+def test_full_disk_under_the_postgres_index_is_507_and_rolls_back(postgres_server):
+    """PostgreSQL's own disk full (SQLSTATE 53100): the registry's tables live in a tablespace on a tiny
+    tmpfs that really fills up; a write is 507 with one line, nothing of it stays, and the same index
+    writes again once there is room."""
+    import psycopg
+    from psycopg import sql
+
+    from backends import database_url
+    from medlego.runtime.registry.index_postgres import PostgresIndex
+
+    import shutil
+    import tempfile
+
+    outside = Path(tempfile.mkdtemp(prefix="medlego-pgdisk-"))  # not under pytest's 0700 tmp: the server's user reads it
+    outside.chmod(0o755)
+    disk = tiny_disk(outside / "disk", "4m")
+    with psycopg.connect(postgres_server, autocommit=True) as admin:  # the server's own system user owns its data
+        (data_directory,) = admin.execute("SHOW data_directory").fetchall()[0]
+        owner = os.stat(data_directory)
+    space = disk / "space"
+    space.mkdir()
+    os.chown(space, owner.st_uid, owner.st_gid)
+    db, tablespace = f"full{os.getpid()}", f"tiny{os.getpid()}"
+    with psycopg.connect(postgres_server, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE TABLESPACE {} LOCATION {}").format(sql.Identifier(tablespace), sql.Literal(str(space))))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        admin.execute(sql.SQL("ALTER DATABASE {} SET default_tablespace = {}").format(sql.Identifier(db),
+                                                                                  sql.Literal(tablespace)))
+    index = PostgresIndex(database_url(postgres_server, db))  # its tables are created in the tiny tablespace
+    try:
+        row = ("big", 1, "0" * 64, 1, "2026-01-01T00:00:00Z")
+        insert = "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, 0, ?)"
+        filler = fill(disk)
+        with pytest.raises(StorageFullError, match="no space left") as e:
+            index.write(lambda tx: tx.run(insert, (*row, os.urandom(400_000).hex())))
+        assert e.value.status == 507 and "\n" not in str(e.value) and "nothing was written" in str(e.value)
+        assert index.read("SELECT COUNT(*) FROM adapters") == [(0,)]
+        filler.unlink()
+        index.write(lambda tx: tx.run(insert, (*row, "{}")))  # the same pool writes once there is room
+        assert index.read("SELECT name FROM adapters") == [("big",)]
+    finally:
+        index.close()
+        with psycopg.connect(postgres_server, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+            admin.execute(sql.SQL("DROP TABLESPACE {}").format(sql.Identifier(tablespace)))
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+        shutil.rmtree(outside, ignore_errors=True)
+
+
 def test_full_node_cache_serves_verified_bytes_from_memory(s3, disks, tmp_path, tiny_base, tiny_base_file, caplog):
     _, bucket = s3
     store = f"s3://{bucket}/adapters"

@@ -472,7 +472,7 @@ def _baseline_lines(report: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--img-size", type=int, default=224)
@@ -502,7 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", help=argparse.SUPPRESS)
     p.add_argument("--images-dir", help=argparse.SUPPRESS)
     p.add_argument("--client-out", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.client:
         plan = [tuple(x) for x in json.loads(Path(args.plan).read_text())]
         asyncio.run(_client_main(args.url, plan, Path(args.images_dir), args.concurrency, Path(args.client_out)))
@@ -513,6 +517,27 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.torch_threads)
+    results = _run_modes(args)
+    report = {
+        "setup": _setup(args),
+        "modes": results,
+        "vs_embedded": compare_to_embedded(results),
+        "label": args.label,
+        "baselines": [baseline_of(path) for path in args.baseline],
+        "command": shlex.join(["python", "-m", "medlego.benchmarks.load_bench",
+                               *(argv if argv is not None else sys.argv[1:])]),
+    }
+    out = Path(args.out or results_dir() / "load_bench")
+    write_results(report, out)
+    print(out.with_suffix(".md").read_text())
+    bad = [r for m in results for r in m["rounds"] if r["errors"] or r["mismatches"]]
+    bad += [m for m in results if m["light"]["errors"] or m["light"]["mismatches"]]
+    return 1 if bad else 0
+
+
+def _run_modes(args) -> list[dict]:
+    """Build the world once, then each mode's rounds and light-load run (embedded first, then one Ray
+    mode per replica count), checked against the in-process answers."""
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     runs = [(m, None) for m in modes if m == "embedded"] + [
         ("ray", int(n)) for n in args.replicas.split(",") if "ray" in modes]
@@ -530,29 +555,21 @@ def main(argv: list[str] | None = None) -> int:
             ratios = [r["ratio_vs_in_process"] for r in rounds]
             results.append({"mode": light["mode"], "rounds": rounds, "light": light,
                             "median_ratio": round(float(np.median(ratios)), 3) if ratios else None})
-    report = {
-        "setup": {"model": args.model, "img_size": args.img_size, "adapters": args.adapters, "images": args.images,
-                  "requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,
-                  "light_requests": args.light_requests, "light_concurrency": args.light_concurrency,
-                  "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "replicas": args.replicas,
-                  "torch_threads": args.torch_threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-                  "seed": args.seed,
-                  "machine": (f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), torch "
-                              f"{torch.__version__}, no GPU")
-                  if not torch.cuda.is_available() else torch.cuda.get_device_name(0)},
-        "modes": results,
-        "vs_embedded": compare_to_embedded(results),
-        "label": args.label,
-        "baselines": [baseline_of(path) for path in args.baseline],
-        "command": shlex.join(["python", "-m", "medlego.benchmarks.load_bench",
-                               *(argv if argv is not None else sys.argv[1:])]),
-    }
-    out = Path(args.out or results_dir() / "load_bench")
-    write_results(report, out)
-    print(out.with_suffix(".md").read_text())
-    bad = [r for m in results for r in m["rounds"] if r["errors"] or r["mismatches"]]
-    bad += [m for m in results if m["light"]["errors"] or m["light"]["mismatches"]]
-    return 1 if bad else 0
+    return results
+
+
+def _setup(args) -> dict:
+    import torch
+
+    return {"model": args.model, "img_size": args.img_size, "adapters": args.adapters, "images": args.images,
+            "requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,
+            "light_requests": args.light_requests, "light_concurrency": args.light_concurrency,
+            "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "replicas": args.replicas,
+            "torch_threads": args.torch_threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "seed": args.seed,
+            "machine": (f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), torch "
+                        f"{torch.__version__}, no GPU")
+            if not torch.cuda.is_available() else torch.cuda.get_device_name(0)}
 
 
 if __name__ == "__main__":

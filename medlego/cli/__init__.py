@@ -14,7 +14,7 @@ from medlego.runtime.errors import MedlegoError
 
 # Order is the order of `medlego --help`.
 COMMAND_MODULES = ("base", "inspect", "convert", "predict", "train", "eval", "merge", "registry",
-                   "audit", "token", "serve", "client", "samples", "bench", "export", "demo", "dev-fleet")
+                   "audit", "token", "serve", "client", "dicom", "samples", "bench", "export", "demo", "dev-fleet")
 DEBUG_ENV = "MEDLEGO_DEBUG"  # set to 1: expected errors show their traceback too
 
 # File-system mistakes (a wrong path, a file without read permission) are a user's, not a bug:

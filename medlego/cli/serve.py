@@ -45,6 +45,14 @@ def register(sub) -> None:
                    help=f"queued requests before 503 ([batching] max_queue; default {BatchingConfig.max_queue})")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                    help="server log level (default info)")
+    d = p.add_argument_group("DICOM doors (docs/dicom.md; pip install \"medlego[dicom]\")")
+    d.add_argument("--dicom-rules", metavar="FILE",
+                   help="routing rules, destinations and DIMSE settings (TOML): opens POST /dicom-web/studies "
+                        "(STOW-RS) and GET /v1/dicom/rules (default: no DICOM door)")
+    d.add_argument("--dicom-port", type=int,
+                   help="C-STORE SCP port (default: [dimse] port of the rules file; neither: no DIMSE door)")
+    d.add_argument("--dicom-ae-title", metavar="AE",
+                   help="this server's AE title (default: [dimse] ae_title of the rules file, else MEDLEGO)")
     r = p.add_argument_group("Ray Serve")
     r.add_argument("--ray", action="store_true", help="start a local Ray cluster and deploy with Ray Serve")
     r.add_argument("--replicas", type=int, default=None, help="engine replicas, a fixed count (--ray; default 1)")
@@ -56,6 +64,9 @@ def register(sub) -> None:
     r.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (--ray)")
     r.add_argument("--torch-threads", type=int, help="engine threads per replica (--ray; default: --replica-cpus)")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster (--ray; default: all of this machine's)")
+    r.add_argument("--address", metavar="HEAD:PORT",
+                   help="deploy on a running Ray cluster (`ray start --head`; 'auto': the one on this node) instead "
+                        "of starting one (--ray; default: RAY_ADDRESS if set); Ctrl-C removes the app, not the cluster")
     p.set_defaults(func=_run)
 
 
@@ -95,10 +106,16 @@ def _run(args) -> int:
     check_port_free(srv.host, srv.port, "--port")
     if srv.grpc:
         check_port_free(srv.host, srv.grpc_port, "--grpc-port")
+    if args.dicom_port is not None:
+        check_port_free(srv.host, args.dicom_port, "--dicom-port")
     logging.basicConfig(level=srv.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not cfg.auth.admin_token:
         print(f"note: no admin token configured: the admin API is closed (set {ADMIN_TOKEN_ENV} to open it)",
               file=sys.stderr)
+    if args.ray and (args.dicom_rules or args.dicom_port is not None):
+        from medlego.runtime.errors import BadInputError
+
+        raise BadInputError("the DICOM doors run with the embedded server only: leave out --ray or --dicom-rules")
     if args.ray:  # (the embedded server warns itself when its API is open beyond loopback)
         from medlego.serving.server import open_on_network
 
@@ -112,11 +129,30 @@ def _run(args) -> int:
     service = DiagnosisService.from_config(cfg)
     server = EmbeddedServer(service, host=srv.host, port=srv.port, grpc_port=srv.grpc_port if srv.grpc else None,
                             log_level=srv.log_level, guard=srv)
+    dimse = _dicom_doors(server, args)
     print(f"medlego serving {cfg.base.model} ({service.engine.device}) from {srv.data_dir}: "
           f"REST http://{srv.host}:{srv.port} (docs at /docs)"
-          + (f", gRPC {srv.host}:{srv.grpc_port}" if srv.grpc else "") + "; Ctrl-C stops", flush=True)
-    server.run()
+          + (f", gRPC {srv.host}:{srv.grpc_port}" if srv.grpc else "")
+          + (f", DICOM {dimse.ae_title}@{srv.host}:{dimse.port}" if dimse else "") + "; Ctrl-C stops", flush=True)
+    try:
+        server.run()
+    finally:
+        if dimse is not None:
+            dimse.stop()
     return 0
+
+
+def _dicom_doors(server, args):
+    """The STOW-RS door and the C-STORE SCP (--dicom-rules); the rules' adapters checked first."""
+    if not args.dicom_rules:
+        if args.dicom_port is not None or args.dicom_ae_title:
+            from medlego.runtime.errors import BadInputError
+
+            raise BadInputError("--dicom-port and --dicom-ae-title need --dicom-rules FILE (routing and destinations)")
+        return None
+    from medlego.serving.dicom.attach import attach
+
+    return attach(server, args.dicom_rules, ae_title=args.dicom_ae_title, port=args.dicom_port)
 
 
 def _replica_shape(cfg, args):
@@ -131,8 +167,11 @@ def _replica_shape(cfg, args):
         # a replica batches: about one full batch in flight per replica before another is started
         target = args.target_ongoing_requests or cfg.batching.max_batch
         autoscaling = {"min_replicas": low, "max_replicas": args.max_replicas or low, "target_ongoing_requests": target}
+    # autoscaling: a replica full at two targets' worth spills its adapters' surplus to a replica just added,
+    # which would otherwise idle while the first holds every adapter (docs/fleet.md, Ray Serve)
+    spill = max(2, int(2 * autoscaling["target_ongoing_requests"])) if autoscaling else None
     return ReplicaShape(replicas=args.replicas or 1, autoscaling=autoscaling, cpus=args.replica_cpus,
-                        gpus=args.replica_gpus, torch_threads=args.torch_threads)
+                        gpus=args.replica_gpus, torch_threads=args.torch_threads, max_ongoing=spill)
 
 
 def _run_ray(cfg, args) -> int:
@@ -153,9 +192,10 @@ def _run_ray(cfg, args) -> int:
     srv = cfg.server
     count = (f"{shape.autoscaling['min_replicas']}-{shape.autoscaling['max_replicas']} (autoscaling)"
              if shape.autoscaling else str(shape.replicas))
-    print(f"starting a local Ray cluster and deploying {count} replica(s)…", flush=True)
+    where = f"joining the Ray cluster at {args.address}" if args.address else "starting a local Ray cluster"
+    print(f"{where} and deploying {count} replica(s)…", flush=True)
     try:
-        start_local(cfg, shape, num_cpus=args.num_cpus, grpc=srv.grpc)
+        start_local(cfg, shape, num_cpus=args.num_cpus, grpc=srv.grpc, address=args.address)
         print(f"medlego on Ray Serve: REST http://{srv.host}:{srv.port}"
               + (f", gRPC {srv.host}:{srv.grpc_port}" if srv.grpc else "") + "; Ctrl-C stops", flush=True)
         while True:

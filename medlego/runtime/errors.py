@@ -36,6 +36,10 @@ class BadInputError(MedlegoError, ValueError):
     """Any invalid user input (dataset, flags, request fields, references)."""
 
 
+class MultipartError(BadInputError):
+    """A body that is not well-formed multipart (the DICOM door's multipart/related)."""
+
+
 class BadImageError(MedlegoError, ValueError):
     """An image that cannot be decoded, or is of an unsupported format."""
 
@@ -135,6 +139,13 @@ class StorageFullError(MedlegoError):
     """The registry's disk (its folder store or its index database) is full or over quota: nothing was written."""
 
     answer = (507, "RESOURCE_EXHAUSTED", "storage_full")
+
+
+# -- 502: a system downstream ------------------------------------------------------------------------
+class DestinationError(MedlegoError):
+    """A DICOM destination (a PACS, over STOW-RS or C-STORE) did not take a result."""
+
+    answer = (502, "UNAVAILABLE", "destination_failed")
 
 
 INTERNAL = (500, "INTERNAL", "error")  # the answer to anything that is not a MedlegoError

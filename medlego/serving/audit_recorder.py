@@ -171,7 +171,7 @@ def _diagnosis_row(item: DiagnoseItem, request) -> dict:
             "adapter_sha256": adapter.sha256 if adapter is not None else "",
             "requested": str(item.adapter)[:256],
             "task": request.task.name if request is not None and request.task is not None else (item.task or ""),
-            **image_fields(item)}
+            **image_fields(item), **(item.dicom or {})}
 
 
 def image_fields(item: DiagnoseItem) -> dict:

@@ -58,11 +58,12 @@ ROUTES: dict[str, str | None] = {
     "GET /v1/adapters": "read", "GET /v1/aliases": "read", "GET /v1/info": "read", "GET /metrics": "read",
     "GET /v1/adapters/{ref}": "describe",
     "GET /v1/audit": "audit",
+    "POST /dicom-web/studies": "diagnose", "GET /v1/dicom/rules": "read",  # the DICOM door (serving/dicom/)
     "POST /v1/adapters": "admin", "DELETE /v1/adapters/{ref}": "admin", "POST /v1/adapters/{ref}/pin": "admin",
     "POST /v1/adapters/{ref}/unpin": "admin", "PUT /v1/aliases/{alias}": "admin",
     "DELETE /v1/aliases/{alias}": "admin", "POST /v1/merge": "admin",
     "GET /healthz": None, "GET /readyz": None, "GET /v2": None, "GET /v2/": None,
-    "GET /v2/health/live": None, "GET /v2/health/ready": None,
+    "GET /v2/health/live": None, "GET /v2/health/ready": None, "POST /v2/repository/index": "read",
     "GET /v2/models/{model}": "describe", "GET /v2/models/{model}/versions/{version}": "describe",
     "GET /v2/models/{model}/ready": "describe", "GET /v2/models/{model}/versions/{version}/ready": "describe",
     "POST /v2/models/{model}/infer": "diagnose", "POST /v2/models/{model}/versions/{version}/infer": "diagnose",

@@ -44,6 +44,9 @@ class DiagnoseItem:
     # the image's audit fields (sha256, format, size), computed once by prepare() in the decode pool, so
     # that recording the diagnosis never hashes megabytes on the event loop; None: not computed yet
     image_audit: dict | None = None
+    # the DICOM doors' identifiers of the instance (Study/Series/SOP Instance UIDs, calling AE) for its
+    # audit row (serving/dicom/instance.py Instance.audit: never patient attributes); None elsewhere
+    dicom: dict | None = None
 
 
 @dataclass
@@ -85,7 +88,10 @@ class DiagnosisAPI(Protocol):
     async def diagnose_many(self, items: list[DiagnoseItem], api: str = "rest") -> list[dict]: ...
 
     # registry reads (API token)
-    async def list_adapters(self) -> dict: ...
+    # one page in (name, version) order: {"adapters", "aliases" (those of this page's names), "next_cursor"
+    # (absent on the last page)}; filters as runtime/registry/listing.check_filters takes them
+    async def list_adapters(self, limit: int | None = None, cursor: str | None = None, prefix: str | None = None,
+                            task: str | None = None, base: str | None = None) -> dict: ...
     async def describe(self, ref: str) -> dict: ...
     async def aliases(self) -> dict[str, str]: ...
 

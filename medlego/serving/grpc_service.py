@@ -42,10 +42,21 @@ def diagnosis_proto(d: dict) -> pb.DiagnoseResponse:
         adapter=d["adapter"] or "", version=d["version"] or 0, sha256=d["sha256"] or "", task=d["task"] or "",
         multilabel=bool(d.get("multilabel")), probabilities=d["probabilities"] or {},
         top=[pb.Label(label=t["label"], probability=t["probability"]) for t in d["top"] or []],
-        timings_ms=d.get("timings_ms") or {}, replica=d.get("replica", ""))
+        timings_ms=d.get("timings_ms") or {}, replica=d.get("replica", ""),
+        rank_truncation=truncation_proto(d.get("rank_truncation")))
 
 
-_INFO_FIELDS = {"name", "version", "ref", "sha256", "size", "created", "pinned", "tasks", "aliases", "max_rank"}
+def truncation_proto(report: dict | None) -> pb.RankTruncation | None:
+    """`adapter.truncate_rank`'s report (None: the adapter is served whole, the field stays unset)."""
+    if not report:
+        return None
+    return pb.RankTruncation(rank=report["rank"], served_rank=report["served_rank"],
+                             matrices_truncated=report["matrices_truncated"], dropped_mass=report["dropped_mass"],
+                             max_matrix_dropped_mass=report["max_matrix_dropped_mass"])
+
+
+_INFO_FIELDS = {"name", "version", "ref", "sha256", "size", "created", "pinned", "tasks", "aliases", "max_rank",
+                "rank_truncation"}
 
 
 def adapter_proto(desc: dict) -> pb.AdapterInfo:
@@ -55,7 +66,8 @@ def adapter_proto(desc: dict) -> pb.AdapterInfo:
         created=desc["created"], pinned=desc["pinned"],
         tasks=[pb.Task(name=t["name"], labels=t["labels"], multilabel=t.get("multilabel", False)) for t in desc["tasks"]],
         aliases=desc.get("aliases", []), max_rank=int(desc.get("max_rank") or 0),
-        metadata_json=json.dumps(rest, sort_keys=True, default=str))
+        metadata_json=json.dumps(rest, sort_keys=True, default=str),
+        rank_truncation=truncation_proto(desc.get("rank_truncation")))
 
 
 def authorization_of(metadata) -> str | None:
@@ -115,8 +127,9 @@ class MedlegoRPC:
 
     async def ListAdapters(self, req: pb.ListAdaptersRequest, authorization: str | None) -> pb.ListAdaptersResponse:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/ListAdapters")
-        listing = await self.api.list_adapters()
-        return pb.ListAdaptersResponse(adapters=[adapter_proto(a) for a in listing["adapters"]], aliases=listing["aliases"])
+        listing = await self.api.list_adapters(req.limit or None, req.cursor, req.prefix, req.task, req.base)
+        return pb.ListAdaptersResponse(adapters=[adapter_proto(a) for a in listing["adapters"]], aliases=listing["aliases"],
+                                       next_cursor=listing.get("next_cursor", ""))
 
     async def DescribeAdapter(self, req: pb.DescribeAdapterRequest, authorization: str | None) -> pb.AdapterInfo:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/DescribeAdapter")
@@ -169,11 +182,14 @@ class MedlegoRPC:
         self.api.auth.check_route(authorization, "rpc medlego.v1.Medlego/QueryAudit")
         if req.limit > MAX_AUDIT_PAGE:  # as GET /v1/audit: the answer is built in one piece, so it is bounded
             raise BadInputError(f"'limit' must be at most {MAX_AUDIT_PAGE}")
+        limit = req.limit or MAX_AUDIT_PAGE
         rows = await self.api.audit_rows(since=req.since or None, until=req.until or None, adapter=req.adapter or None,
                                          caller=req.caller or None, image_sha256=req.image_sha256 or None,
-                                         kind=req.kind or None, limit=req.limit or MAX_AUDIT_PAGE)
+                                         kind=req.kind or None, limit=limit, after_seq=req.after)
+        next_after = rows[-1]["seq"] if len(rows) == limit else 0  # REST's `next`: a full page may have a successor
         return await asyncio.get_running_loop().run_in_executor(  # serialised off the event loop
-            None, lambda: pb.AuditResponse(rows_json=[json.dumps(r, sort_keys=True) for r in rows]))
+            None, lambda: pb.AuditResponse(rows_json=[json.dumps(r, sort_keys=True) for r in rows],
+                                           next_after=next_after))
 
 
 class RpcMethods:

@@ -167,6 +167,7 @@ class InferResult:
     model_name: str
     model_version: str
     probabilities: np.ndarray  # float32 [N, C]
+    parameters: dict[str, str]  # the answer's: the adapter that answered, and a rank truncation when there is one
 
 
 def _texts(t: Tensor) -> list[str | None]:
@@ -248,7 +249,16 @@ async def infer(api: DiagnosisAPI, name: str, version: str | None, inputs: list[
     probs = np.asarray([list(a["probabilities"].values()) for a in answers], dtype=np.float32)
     if len({len(a["probabilities"]) for a in answers}) != 1:
         raise BadInputError("the tasks asked for have different label counts; send one request per task")
-    return InferResult(name, version_out, probs)
+    return InferResult(name, version_out, probs, answer_parameters(answers[0]))
+
+
+def answer_parameters(answer: dict) -> dict[str, str]:
+    """The response's `parameters` (strings, as the protocol's clients read them): which adapter file
+    answered and, when the server serves it above its max_rank, what the truncation dropped."""
+    params = {"ref": f"{answer['adapter']}@{answer['version']}", "sha256": answer["sha256"] or ""}
+    if answer.get("rank_truncation"):
+        params["rank_truncation"] = json.dumps(answer["rank_truncation"], sort_keys=True)
+    return params
 
 
 def error_message(e: BaseException) -> str:

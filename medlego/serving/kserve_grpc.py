@@ -9,6 +9,7 @@ Inputs come as ``contents`` or ``raw_input_contents``; the answer's tensor is in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -16,7 +17,7 @@ import numpy as np
 from google.protobuf import descriptor_pool
 
 from medlego.runtime.registry.audit import CURRENT
-from medlego.runtime.errors import BadInputError, MedlegoError, answer_of
+from medlego.runtime.errors import BadInputError, MedlegoError, PayloadTooLargeError, answer_of
 
 from . import kserve
 from . import kserve_v2_pb2 as pb
@@ -47,9 +48,12 @@ def _param(value) -> pb.InferParameter:
     return pb.InferParameter(string_param=str(value))
 
 
-def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> kserve.Tensor:
+def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_elements: int) -> kserve.Tensor:
     name = t.name
     shape = kserve.check_shape(name, list(t.shape))
+    if kserve.elements(shape) > max_elements:  # as the REST body's element cap: a huge tensor costs its Python list
+        raise PayloadTooLargeError(f"input '{name:.60}' has {kserve.elements(shape)} elements; "
+                                   f"the limit is {max_elements}")
     if t.datatype == "BYTES":
         if raw is not None:
             return kserve.Tensor(name, "BYTES", shape, kserve.unpack_bytes(name, raw, kserve.elements(shape)))
@@ -62,6 +66,13 @@ def _tensor(t: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> kser
             return kserve.Tensor(name, "FP32", shape, kserve.fp32_from_raw(name, raw, shape))
         return kserve.Tensor(name, "FP32", shape, kserve.fp32_from_values(name, list(t.contents.fp32_contents), shape))
     raise BadInputError(f"input '{name:.60}': datatype must be BYTES or FP32, got {t.datatype!r:.40}")
+
+
+def _tensors(request: pb.ModelInferRequest, max_elements: int) -> list[kserve.Tensor]:
+    raws = list(request.raw_input_contents)
+    if raws and len(raws) != len(request.inputs):
+        raise BadInputError(f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs; give one per input")
+    return [_tensor(t, bytes(raws[i]) if raws else None, max_elements) for i, t in enumerate(request.inputs)]
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -118,16 +129,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         async def run(authorization):
             self.api.auth.check_route(authorization, "rpc inference.GRPCInferenceService/ModelInfer")
-            raws = list(request.raw_input_contents)
-            if raws and len(raws) != len(request.inputs):
-                raise BadInputError(f"{len(raws)} raw_input_contents for {len(request.inputs)} inputs; give one per input")
-            tensors = [_tensor(t, bytes(raws[i]) if raws else None) for i, t in enumerate(request.inputs)]
+            # tensors built off the event loop (a 30 MB fp32_contents is millions of Python floats), capped
+            tensors = await asyncio.get_running_loop().run_in_executor(
+                None, _tensors, request, self.api.limits.max_json_elements)
             result = await kserve.infer(self.api, request.model_name, request.model_version, tensors,
                                         [o.name for o in request.outputs])
             probs = result.probabilities
             out = pb.ModelInferResponse.InferOutputTensor(name=kserve.OUTPUT, datatype="FP32", shape=list(probs.shape))
             return pb.ModelInferResponse(model_name=result.model_name, model_version=result.model_version,
                                          id=request.id, outputs=[out],
+                                         parameters={k: _param(v) for k, v in result.parameters.items()},
                                          raw_output_contents=[np.ascontiguousarray(probs, dtype="<f4").tobytes()])
         return await self._call("ModelInfer", context, run, pb.ModelInferResponse())
 

@@ -32,6 +32,7 @@ from . import kserve
 from . import limits as checks
 from .contract import DiagnosisAPI
 from .http_errors import error_status_headers
+from .kserve_repository import mount_repository
 
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -41,6 +42,12 @@ def v2_error(e: BaseException) -> JSONResponse:
     """The protocol's error body, with the status and headers of the error's class (http_errors.py)."""
     status, headers = error_status_headers(e)
     return JSONResponse({"error": kserve.error_message(e)}, status_code=status, headers=headers)
+
+
+def _route_of(request: Request, what: str = "") -> str:
+    """The role table's template of a model route (with or without a version)."""
+    suffix = "/versions/{version}" if "version" in request.path_params else ""
+    return f"{request.method} /models/{{model}}{suffix}{what}"
 
 
 def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
@@ -69,20 +76,16 @@ def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
     async def ready():
         return Response(status_code=200 if await kserve.server_ready(service) else 503)
 
-    def route_of(request: Request, what: str = "") -> str:
-        suffix = "/versions/{version}" if "version" in request.path_params else ""
-        return f"{request.method} /models/{{model}}{suffix}{what}"
-
     async def model_metadata(request: Request, model: str, version: str | None = None):
         try:
-            auth(request, route_of(request))
+            auth(request, _route_of(request))
             return await kserve.model_metadata(service, model, version)
         except Exception as e:
             return v2_error(e)
 
     async def model_ready(request: Request, model: str, version: str | None = None):
         try:
-            auth(request, route_of(request, "/ready"))
+            auth(request, _route_of(request, "/ready"))
             ok = await kserve.model_ready(service, model, version)
         except Exception as e:
             return v2_error(e)
@@ -90,7 +93,7 @@ def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
 
     async def model_infer(request: Request, model: str, version: str | None = None):
         try:
-            auth(request, route_of(request, "/infer"))
+            auth(request, _route_of(request, "/infer"))
             return await _infer(service, request, model, version)
         except Exception as e:
             return v2_error(e)
@@ -101,6 +104,7 @@ def mount_kserve(app: FastAPI, service: DiagnosisAPI) -> None:
         v2.add_api_route(prefix + "/ready", model_ready, methods=["GET"], tags=["v2"], summary="Model readiness")
         v2.add_api_route(prefix + "/infer", model_infer, methods=["POST"], tags=["v2"], openapi_extra=_INFER_BODY,
                          summary="Inference: `image` (BYTES) or `pixel_values` (FP32) [+ `task`] -> `probabilities`")
+    mount_repository(v2, service, auth)  # POST /v2/repository/index, paged (kserve_repository.py)
     app.mount("/v2", v2)
     _document_v2(app, v2)
 
@@ -262,7 +266,8 @@ async def _infer(service: DiagnosisAPI, request: Request, model: str, version: s
     result = await kserve.infer(service, model, version, tensors, requested)
     probs = result.probabilities
     out: dict = {"name": kserve.OUTPUT, "datatype": "FP32", "shape": list(probs.shape)}
-    answer: dict = {"model_name": result.model_name, "model_version": result.model_version}
+    answer: dict = {"model_name": result.model_name, "model_version": result.model_version,
+                    "parameters": result.parameters}
     if isinstance(body.get("id"), str):
         answer["id"] = body["id"]
     if not binary_out:

@@ -98,7 +98,8 @@ def upload_limit(limits: Limits) -> int:
 
 def body_limit(limits: Limits, path: str) -> int:
     """The largest HTTP request body at `path` (BodyLimitMiddleware refuses more before reading it)."""
-    return upload_limit(limits) if path.startswith("/v1/adapters") else limits.max_body_bytes
+    # a STOW-RS body holds a study's instances (each within max_image_bytes): the upload limit too
+    return upload_limit(limits) if path.startswith(("/v1/adapters", "/dicom-web/")) else limits.max_body_bytes
 
 
 def valid_request_id(value: str) -> bool:

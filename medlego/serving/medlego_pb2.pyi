@@ -27,7 +27,7 @@ class Label(_message.Message):
     def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class DiagnoseResponse(_message.Message):
-    __slots__ = ("adapter", "version", "sha256", "task", "multilabel", "probabilities", "top", "timings_ms", "replica")
+    __slots__ = ("adapter", "version", "sha256", "task", "multilabel", "probabilities", "top", "timings_ms", "replica", "rank_truncation")
     class ProbabilitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class DiagnoseResponse(_message.Message):
     TOP_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    RANK_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     version: int
     sha256: str
@@ -60,7 +61,22 @@ class DiagnoseResponse(_message.Message):
     top: _containers.RepeatedCompositeFieldContainer[Label]
     timings_ms: _containers.ScalarMap[str, float]
     replica: str
-    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., task: _Optional[str] = ..., multilabel: _Optional[bool] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., top: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., replica: _Optional[str] = ...) -> None: ...
+    rank_truncation: RankTruncation
+    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., task: _Optional[str] = ..., multilabel: _Optional[bool] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., top: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., replica: _Optional[str] = ..., rank_truncation: _Optional[_Union[RankTruncation, _Mapping]] = ...) -> None: ...
+
+class RankTruncation(_message.Message):
+    __slots__ = ("rank", "served_rank", "matrices_truncated", "dropped_mass", "max_matrix_dropped_mass")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SERVED_RANK_FIELD_NUMBER: _ClassVar[int]
+    MATRICES_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_MASS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MATRIX_DROPPED_MASS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    served_rank: int
+    matrices_truncated: int
+    dropped_mass: float
+    max_matrix_dropped_mass: float
+    def __init__(self, rank: _Optional[int] = ..., served_rank: _Optional[int] = ..., matrices_truncated: _Optional[int] = ..., dropped_mass: _Optional[float] = ..., max_matrix_dropped_mass: _Optional[float] = ...) -> None: ...
 
 class DiagnoseBatchRequest(_message.Message):
     __slots__ = ("items",)
@@ -75,8 +91,18 @@ class DiagnoseBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[DiagnoseResponse, _Mapping]]] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("limit", "cursor", "prefix", "task", "base")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    cursor: str
+    prefix: str
+    task: str
+    base: str
+    def __init__(self, limit: _Optional[int] = ..., cursor: _Optional[str] = ..., prefix: _Optional[str] = ..., task: _Optional[str] = ..., base: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("name", "labels", "multilabel")
@@ -89,7 +115,7 @@ class Task(_message.Message):
     def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., multilabel: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "version", "ref", "sha256", "size", "created", "pinned", "tasks", "aliases", "max_rank", "metadata_json")
+    __slots__ = ("name", "version", "ref", "sha256", "size", "created", "pinned", "tasks", "aliases", "max_rank", "metadata_json", "rank_truncation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +127,7 @@ class AdapterInfo(_message.Message):
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     MAX_RANK_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    RANK_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     ref: str
@@ -112,10 +139,11 @@ class AdapterInfo(_message.Message):
     aliases: _containers.RepeatedScalarFieldContainer[str]
     max_rank: int
     metadata_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ref: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., created: _Optional[str] = ..., pinned: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., aliases: _Optional[_Iterable[str]] = ..., max_rank: _Optional[int] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    rank_truncation: RankTruncation
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., ref: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., created: _Optional[str] = ..., pinned: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., aliases: _Optional[_Iterable[str]] = ..., max_rank: _Optional[int] = ..., metadata_json: _Optional[str] = ..., rank_truncation: _Optional[_Union[RankTruncation, _Mapping]] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
-    __slots__ = ("adapters", "aliases")
+    __slots__ = ("adapters", "aliases", "next_cursor")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,9 +153,11 @@ class ListAdaptersResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CURSOR_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
     aliases: _containers.ScalarMap[str, str]
-    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    next_cursor: str
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
 
 class DescribeAdapterRequest(_message.Message):
     __slots__ = ("ref",)
@@ -243,7 +273,7 @@ class MergeAdaptersRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., params_json: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., task_names: _Optional[_Iterable[str]] = ..., move_aliases: _Optional[bool] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
-    __slots__ = ("since", "until", "adapter", "caller", "image_sha256", "kind", "limit")
+    __slots__ = ("since", "until", "adapter", "caller", "image_sha256", "kind", "limit", "after")
     SINCE_FIELD_NUMBER: _ClassVar[int]
     UNTIL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +281,7 @@ class AuditRequest(_message.Message):
     IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
     since: str
     until: str
     adapter: str
@@ -258,13 +289,16 @@ class AuditRequest(_message.Message):
     image_sha256: str
     kind: str
     limit: int
-    def __init__(self, since: _Optional[str] = ..., until: _Optional[str] = ..., adapter: _Optional[str] = ..., caller: _Optional[str] = ..., image_sha256: _Optional[str] = ..., kind: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    after: int
+    def __init__(self, since: _Optional[str] = ..., until: _Optional[str] = ..., adapter: _Optional[str] = ..., caller: _Optional[str] = ..., image_sha256: _Optional[str] = ..., kind: _Optional[str] = ..., limit: _Optional[int] = ..., after: _Optional[int] = ...) -> None: ...
 
 class AuditResponse(_message.Message):
-    __slots__ = ("rows_json",)
+    __slots__ = ("rows_json", "next_after")
     ROWS_JSON_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_FIELD_NUMBER: _ClassVar[int]
     rows_json: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, rows_json: _Optional[_Iterable[str]] = ...) -> None: ...
+    next_after: int
+    def __init__(self, rows_json: _Optional[_Iterable[str]] = ..., next_after: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

@@ -116,7 +116,9 @@ class DiagnosisService(RegistryReads):
             self.recorder.check_room()  # 503 before the work when its row could not be recorded
             self.admission.admit(len(items))
         except OverloadedError as e:
-            self.recorder.diagnoses(items, api, [None] * len(items), None, e, t0)
+            # the refusal's rows hash each image: off the loop, which an overload is no time to hold up
+            # (to_thread carries the request's context: its id and caller)
+            await asyncio.to_thread(self.recorder.diagnoses, items, api, [None] * len(items), None, e, t0)
             raise
         requests: list[Request] = []
         prepared: list[Any] = []

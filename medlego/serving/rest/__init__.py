@@ -10,8 +10,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ..contract import DiagnosisAPI
+from ..dicom import stow
 from . import adapters, admin, audit, diagnose, ops
 
 
 def routers(service: DiagnosisAPI) -> list[APIRouter]:
-    return [module.router(service) for module in (diagnose, adapters, admin, ops, audit)]
+    return [module.router(service) for module in (diagnose, adapters, admin, ops, audit, stow)]

@@ -8,6 +8,7 @@ from medlego.runtime.errors import BadInputError
 
 from ..contract import DiagnosisAPI, MergeSpec
 from .bodies import ALIAS_BODY, MERGE_BODY, UPLOAD_BODY
+from .multipart import FilePart
 from .parsing import field, json_object, read_form, read_upload, strings
 
 
@@ -21,12 +22,12 @@ def router(service: DiagnosisAPI) -> APIRouter:
         auth.check_route(authorization, "POST /v1/adapters")
         form = await read_form(request)
         upload = form.get("file")
-        if upload is None or isinstance(upload, str):
+        if not isinstance(upload, FilePart):
             raise BadInputError("multipart field 'file' (the .safetensors adapter) is required")
         name = form.get("name")
         if not name or not isinstance(name, str):
             raise BadInputError("multipart field 'name' is required")
-        data = await read_upload(upload, limits.max_adapter_bytes, "adapter upload")
+        data = read_upload(upload, limits.max_adapter_bytes, "adapter upload")
         aliases = [a for a in form.getlist("alias") if isinstance(a, str) and a]
         move = form.get("move_alias")
         if move not in (None, "", "true", "false", "1", "0"):

@@ -6,28 +6,36 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from medlego.runtime.errors import BadInputError, MedlegoError, PayloadTooLargeError
+from medlego.runtime.errors import BadInputError, PayloadTooLargeError
 
 from .. import limits as checks
 from ..contract import DiagnoseItem, DiagnosisAPI
+from .multipart import FilePart, Form, FormParser
 
 
-async def read_form(request: Request):
-    """A multipart body (read only after the route's token check), streamed by Starlette within part limits."""
+FEED_BYTES = 1 << 20  # body bytes handed to the parsing thread at a time: one thread hop per megabyte
+
+
+async def read_form(request: Request) -> Form:
+    """A multipart body (read only after the route's token check, bounded by the app's body limit),
+    parsed in worker threads as it arrives (multipart.py says why)."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise BadInputError(f"expected a multipart/form-data upload, got '{ctype or 'no content type'}'")
+    parser, pending = FormParser(ctype), bytearray()
     try:
-        return await request.form(max_files=256, max_fields=256, max_part_size=64 * 1024)
-    except StarletteHTTPException as e:
-        raise BadInputError(f"malformed multipart body: {e.detail}") from None
-    except MedlegoError:
-        raise
-    except Exception as e:  # a truncated or garbled multipart stream
-        raise BadInputError(f"malformed multipart body: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        async for chunk in request.stream():
+            pending += chunk
+            if len(pending) >= FEED_BYTES:
+                await run_in_threadpool(parser.feed, bytes(pending))
+                pending.clear()
+    except ClientDisconnect:
+        raise BadInputError("the client closed the connection before its whole request body arrived") from None
+    if pending:
+        await run_in_threadpool(parser.feed, bytes(pending))
+    return await run_in_threadpool(parser.finish)
 
 
 async def json_object(request: Request, service: DiagnosisAPI) -> dict:
@@ -62,11 +70,10 @@ def strings(values: list, name: str) -> list[str]:
     return values
 
 
-async def read_upload(upload, limit: int, what: str) -> bytes:
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
+def read_upload(upload: FilePart, limit: int, what: str) -> bytes:
+    if len(upload.data) > limit:
         raise PayloadTooLargeError(f"{what} is above the limit of {limit} bytes")
-    return data
+    return upload.data
 
 
 async def read_items(request: Request, service: DiagnosisAPI, batch: bool) -> list[DiagnoseItem]:
@@ -75,7 +82,7 @@ async def read_items(request: Request, service: DiagnosisAPI, batch: bool) -> li
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
         form = await read_form(request)
-        files = [f for f in form.getlist("file") + form.getlist("files") if not isinstance(f, str)]
+        files = [f for f in form.getlist("file") + form.getlist("files") if isinstance(f, FilePart)]
         if not files:
             raise BadInputError("multipart field 'file' (the image) is required")
         if not batch and len(files) > 1:
@@ -85,7 +92,7 @@ async def read_items(request: Request, service: DiagnosisAPI, batch: bool) -> li
         adapters = [a for a in form.getlist("adapter") if isinstance(a, str)]
         tasks = [t for t in form.getlist("task") if isinstance(t, str)]
         top_k = checks.check_top_k(limits, form.get("top_k"))
-        images = [await read_upload(f, limits.max_image_bytes, f"image '{f.filename or 'file'}'") for f in files]
+        images = [read_upload(f, limits.max_image_bytes, f"image '{f.filename or 'file'}'") for f in files]
         return [DiagnoseItem(img, _per_item(adapters, n, len(images), "adapter") or "",
                              _per_item(tasks, n, len(images), "task"), top_k) for n, img in enumerate(images)]
     if ctype.startswith("application/json") or not ctype:
