@@ -29,6 +29,7 @@ from medlego.runtime.config import ServeConfig  # noqa: E402
 from medlego.jobs.synthetic import encode_png, random_image  # noqa: E402
 
 from backends import free_port  # noqa: E402
+from waiting import wait_until  # noqa: E402
 from conftest import TINY_MODEL  # noqa: E402
 
 ADAPTERS = [f"r{i}" for i in range(6)]
@@ -55,6 +56,15 @@ def ray_server(tmp_path_factory, tiny_base, tiny_base_file):
         stop_local()
 
 
+def _both_replicas_running() -> bool:
+    from ray import serve
+
+    from medlego.serving.ray_app import APP_NAME
+
+    app = serve.status().applications.get(APP_NAME)
+    return app is not None and app.deployments["MedlegoReplica"].replica_states.get("RUNNING", 0) == 2
+
+
 def _diagnose(url, ref, png):
     with httpx.Client(base_url=url, timeout=60) as c:
         return c.post("/v1/diagnose", files={"file": ("x.png", png)}, data={"adapter": ref})
@@ -66,7 +76,10 @@ def test_requests_go_to_the_replica_holding_their_adapter(ray_server, tiny_base_
     pngs = [encode_png(random_image(s, 32)) for s in range(4)]
     with httpx.Client(base_url=url, timeout=60) as c:
         assert c.get("/readyz").status_code == 200
-    first = [_diagnose(url, ref, pngs[0]) for ref in ADAPTERS]  # cold: each adapter loads somewhere
+    wait_until(_both_replicas_running, timeout=120, interval=0.2, what="2 running replicas")
+    # cold, one after another: Ray sends an id no replica holds to the replica holding the fewest, so
+    # the adapters spread over both replicas, if both are running (/readyz needs only one)
+    first = [_diagnose(url, ref, pngs[0]) for ref in ADAPTERS]
     assert all(r.status_code == 200 for r in first), [r.text for r in first]
     time.sleep(0.5)  # replicas push the ids they hold to Serve's routers every 0.1 s
     cases = [(ADAPTERS[n % len(ADAPTERS)], pngs[n % len(pngs)]) for n in range(48)]
