@@ -62,7 +62,11 @@ def _both_replicas_running() -> bool:
     from medlego.serving.ray_app import APP_NAME
 
     app = serve.status().applications.get(APP_NAME)
-    return app is not None and app.deployments["MedlegoReplica"].replica_states.get("RUNNING", 0) == 2
+    if app is None:
+        return False
+    # ReplicaState is a str enum that Ray exports only privately: match it by its value
+    states = app.deployments["MedlegoReplica"].replica_states
+    return sum(n for state, n in states.items() if state == "RUNNING") == 2
 
 
 def _diagnose(url, ref, png):
