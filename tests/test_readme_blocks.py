@@ -12,7 +12,7 @@ block are not run: tests/test_ray_serve.py, test_ray_fleet.py and test_fleet_ser
 
 The blocks run under ``set -euo pipefail``: the first command that fails ends the run, and the test
 fails naming its block. A server a block starts in the background (``medlego serve … &``) is stopped
-by the README's own ``kill %1``; whatever is left when the run ends is killed with its process group.
+by the README's own ``kill $SERVER``; whatever is left when the run ends is killed with its process group.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def test_readme_has_blocks_to_run_and_marks_the_rest():
     assert ("fleet.md", "A fleet") in headings and "medlego dev-fleet" in "\n".join(b.text for b in run)
     text = "\n".join(b.text for b in run)
     assert "grpcurl" not in text, "README examples use only what the install provides: medlego client"
-    assert "medlego samples -o" in text and "medlego client" in text and "kill %1" in text
+    assert "medlego samples -o" in text and "medlego client" in text and "kill $SERVER && wait $SERVER" in text
     for b, reason in left_out:
         print(f"not run: {b.path.name} line {b.line} ({b.heading}): {reason}")
 

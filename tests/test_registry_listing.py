@@ -192,6 +192,38 @@ def test_kserve_repository_index_pages(server):
             assert r.status_code == 400 and message in r.json()["error"], body
 
 
+def test_kserve_grpc_repository_index_pages(server):
+    """Triton's RepositoryIndex over gRPC: tritonclient gets the first page; medlego's paging fields
+    (100 on) walk every version once; a named repository or a bad cursor is INVALID_ARGUMENT."""
+    import tritonclient.grpc as triton_grpc
+
+    from medlego.serving import kserve_v2_pb2 as pb
+    from medlego.serving import kserve_v2_pb2_grpc as pb_grpc
+
+    triton = triton_grpc.InferenceServerClient(server.grpc_target)
+    answer = triton.get_model_repository_index(as_json=True)
+    assert answer is not None
+    assert [(m["name"], m["version"], m["state"]) for m in answer["models"]] == [(f"m{i:02d}", "1", "READY") for i in range(25)]
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        names, cursor = [], ""
+        while True:
+            r = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True, limit=10, cursor=cursor))
+            assert len(r.models) <= 10
+            names += [m.name for m in r.models]
+            cursor = r.next_cursor
+            if not cursor:
+                break
+        assert names == [f"m{i:02d}" for i in range(25)]
+        assert [m.name for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(prefix="m1")).models] == \
+            [f"m{i}" for i in range(10, 20)]
+        for request, message in ((pb.RepositoryIndexRequest(repository_name="other"), "one repository"),
+                                 (pb.RepositoryIndexRequest(cursor="garbage"), "bad cursor")):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.RepositoryIndex(request)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in (e.value.details() or ""), request
+
+
 # -- medlego registry add --many / list -------------------------------------------------------------------
 def _cli(capsys, *argv) -> tuple[int, str, str]:
     from medlego.cli import main

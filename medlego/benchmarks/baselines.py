@@ -5,16 +5,20 @@
   same function as our SVD-LoRA on Q and V (checked before timing).
 * "switch per request": fold the request's ΔW into the qkv weights, run that one image, fold it
   back out — how single-adapter systems (MeLo's reference code, merged-weight serving) swap.
+* ONNX Runtime on one adapter folded into an exported model (``medlego export``): what a CPU user
+  who serves a single task would deploy instead of our engine.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from medlego.runtime.adapter import Adapter
+from medlego.runtime.base import BaseModel
 from medlego.runtime.model import pooled_features
 
 
@@ -82,3 +86,31 @@ class SwitchPerRequest:
             h = ad.heads[ad.tasks[0].name]
             out.append(torch.nn.functional.linear(feats, h.weight, h.bias))
         return out
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OrtFolded:
+    """One adapter folded into the base, exported with ``medlego export`` (checked against the engine
+    there) and run by ONNX Runtime's CPU provider with as many threads as torch uses."""
+
+    def __init__(self, base: BaseModel, adapter: Adapter, workdir: Path):
+        import onnxruntime as ort
+
+        from medlego.jobs.export import export_onnx
+
+        path = export_onnx(base, adapter, None, Path(workdir) / "folded.onnx")["path"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(self, images: torch.Tensor):
+        return self.session.run(["logits"], {"pixel_values": images.float().numpy()})[0]

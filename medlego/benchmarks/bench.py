@@ -3,7 +3,9 @@
 Sections:
   1. throughput and latency vs batch size — base alone; one adapter; all-distinct adapters;
      a Med-LEGO merged adapter; PEFT's mixed-batch forward on equivalent adapters; switch per
-     request (fold → run → unfold);
+     request (fold → run → unfold); on the CPU, ONNX Runtime on one adapter folded into an
+     exported model (paired with the mixed batch round by round), and the mixed batch in bfloat16
+     where the CPU has native bf16 matmuls (AVX512-BF16, AMX), with its agreement with float32;
   2. cold-load and swap latency (p50/p99) per tier: disk → host, host → device, device hit;
   3. pool memory per resident adapter and how many fit in a memory budget;
   4. scale: many registered adapters, fewer resident, batches drawn uniformly from all of them;
@@ -15,6 +17,7 @@ Writes bench.json, bench.md and bench.png (throughput vs batch size per method) 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import math
 import random
@@ -34,7 +37,7 @@ from medlego.runtime.registry import Registry
 from medlego.jobs.synthetic import random_adapter
 
 from . import merge_speed
-from .baselines import SwitchPerRequest, peft_model
+from .baselines import OrtFolded, SwitchPerRequest, onnxruntime_available, peft_model
 from .common import OUT_HELP, hardware, percentile, summary, time_call, write_json, results_dir
 
 
@@ -63,6 +66,7 @@ class BenchConfig:
     http: str | None = None
     http_adapter: str | None = None
     http_requests: int = 50
+    cpu_bf16: bool = True  # on a CPU with native bf16 matmuls, also time the mixed batch in bfloat16
     progress: bool = True
     quick: bool = False
 
@@ -98,11 +102,14 @@ class Progress:
             self.bar.close()
 
 
-def _base(cfg: BenchConfig, workdir: Path) -> BaseModel:
-    weights = cfg.weights
-    if weights is None:
-        weights = init_weights_file(cfg.model, 0, workdir / "base.safetensors", img_size=cfg.img_size)
-    return load_base(cfg.model, weights)
+def _weights(cfg: BenchConfig, workdir: Path) -> Path:
+    if cfg.weights is not None:
+        return Path(cfg.weights)
+    return init_weights_file(cfg.model, 0, workdir / "base.safetensors", img_size=cfg.img_size)
+
+
+def cpu_has_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _adapters(base: BaseModel, n: int, rank: int, seed0: int = 0):
@@ -110,14 +117,20 @@ def _adapters(base: BaseModel, n: int, rank: int, seed0: int = 0):
     return [random_adapter(base.spec, base.preprocess, rank=rank, seed=seed0 + i, tasks=task(i)) for i in range(n)]
 
 
-def throughput_section(cfg, base, engine, adapters, merged_name, prog) -> dict:
-    """images/s and latency per batch for each method at each batch size."""
+ORT_NAME = "ONNX Runtime: one folded adapter"
+MIXED_NAME = "engine: all-distinct adapters"
+BF16_NAME = "engine: all-distinct adapters, bfloat16"
+
+
+def throughput_section(cfg, base, engine, adapters, merged_name, prog, workdir: Path, engine_bf16=None) -> dict:
+    """images/s and latency per batch for each method at each batch size, and every round's time."""
     s = base.input_size
     results: dict[str, dict] = {}
     pm = peft_model(base.model, adapters[:max(cfg.batch_sizes)]) if max(cfg.batch_sizes) <= len(adapters) else None
     if pm is not None:  # on the engine's device and dtype: the comparison the goals name (≥ 3× on a GPU)
         pm = pm.to(cfg.device, engine.dtype)
     switch = SwitchPerRequest(base.model)
+    ort = OrtFolded(base, adapters[0], workdir) if cfg.device == "cpu" and onnxruntime_available() else None
     vit = base.model
     head = adapters[0].heads[adapters[0].tasks[0].name]
     with torch.no_grad():
@@ -130,13 +143,17 @@ def throughput_section(cfg, base, engine, adapters, merged_name, prog) -> dict:
             runs = {
                 "base alone": lambda: torch.nn.functional.linear(pooled_features(vit, x), head.weight.to(x), head.bias.to(x)),
                 "engine: one adapter": lambda: engine.infer(images, one_refs),
-                "engine: all-distinct adapters": lambda: engine.infer(images, distinct_refs),
+                MIXED_NAME: lambda: engine.infer(images, distinct_refs),
                 "engine: merged adapter": lambda: engine.infer(images, [merged_name] * bs, ["t0"] * bs),
                 "switch per request": lambda: switch.run(x, [adapters[i % len(adapters)] for i in range(bs)]),
             }
             if pm is not None:
                 names = [f"a{i}" for i in range(bs)]
                 runs["PEFT mixed batch (adapter_names)"] = lambda: pm(x, adapter_names=names)
+            if ort is not None:
+                runs[ORT_NAME] = lambda: ort.run(x)
+            if engine_bf16 is not None:
+                runs[BF16_NAME] = lambda: engine_bf16.infer(images, distinct_refs)
             # methods are interleaved round by round and the best round counts, so that load from
             # elsewhere on a shared machine hits every method alike instead of one of them
             secs: dict[str, list[float]] = {name: [] for name in runs}
@@ -148,9 +165,23 @@ def throughput_section(cfg, base, engine, adapters, merged_name, prog) -> dict:
             for name in runs:
                 best = min(secs[name])
                 results.setdefault(name, {})[str(bs)] = {"images_per_s": bs / best, "batch_latency_s": best,
-                                                          "median_s": summary(secs[name])["median_s"]}
+                                                          "median_s": summary(secs[name])["median_s"],
+                                                          "rounds_s": secs[name]}
                 prog.step(f"{name} b{bs}")
     return results
+
+
+def bf16_agreement(cfg, base, engine, engine_bf16) -> dict:
+    """How far the bfloat16 engine's answers are from float32's on the same mixed batch."""
+    bs, s = max(cfg.batch_sizes), base.input_size
+    x = torch.randn(bs, 3, s, s, generator=torch.Generator().manual_seed(1))
+    refs = [f"a{i % cfg.distinct}" for i in range(bs)]
+    ours, theirs = engine.infer(x, refs), engine_bf16.infer(x, refs)
+    diffs = [abs(a.probabilities[k] - b.probabilities[k]) for a, b in zip(ours, theirs)
+             for k in (a.probabilities or {})]
+    same_top = sum(a.top[0][0] == b.top[0][0] for a, b in zip(ours, theirs) if a.top and b.top)
+    return {"images": bs, "max_abs_probability_diff": max(diffs), "top1_agreement": same_top / bs,
+            "random_init_base": cfg.weights is None}
 
 
 def cold_load_section(cfg, workdir: Path, prog) -> dict:
@@ -255,11 +286,12 @@ def http_section(cfg, prog) -> dict:
 def run_bench(cfg: BenchConfig) -> dict:
     from medlego.runtime.adapter_merge import merge_adapters
 
-    steps = len(cfg.batch_sizes) * 6 + 4 + (1 if cfg.http else 0)
+    steps = len(cfg.batch_sizes) * 8 + 4 + (1 if cfg.http else 0)
     prog = Progress(cfg.progress, steps)
     with tempfile.TemporaryDirectory(prefix="medlego-bench-") as tmp:
         work = Path(tmp)
-        base = _base(cfg, work)
+        weights = _weights(cfg, work)
+        base = load_base(cfg.model, weights)
         reg = Registry(work / "registry")
         adapters = _adapters(base, cfg.distinct, cfg.rank)
         for i, ad in enumerate(adapters):
@@ -267,10 +299,14 @@ def run_bench(cfg: BenchConfig) -> dict:
         merged, _ = merge_adapters(adapters[:cfg.merge_sources], "med-lego")
         reg.register("merged", merged.to_bytes())
         max_rank = max(16, merged.max_rank)
-        engine = Engine(base, reg, EngineConfig(device=cfg.device, slots=max(cfg.distinct, 8) + 1, max_rank=max_rank,
-                                                max_pass_images=max(cfg.batch_sizes), kernel=cfg.kernel,
-                                                cuda_graphs=cfg.cuda_graphs))
+        config = EngineConfig(device=cfg.device, slots=max(cfg.distinct, 8) + 1, max_rank=max_rank,
+                              max_pass_images=max(cfg.batch_sizes), kernel=cfg.kernel, cuda_graphs=cfg.cuda_graphs)
+        engine = Engine(base, reg, config)
         engine.warmup()
+        engine_bf16 = None
+        if cfg.device == "cpu" and cfg.cpu_bf16 and cpu_has_bf16():  # its own copy of the base: an engine casts it
+            engine_bf16 = Engine(load_base(cfg.model, weights), reg, dataclasses.replace(config, dtype="bfloat16"))
+            engine_bf16.warmup()
         prog.step("setup")
         results = {
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
@@ -278,11 +314,13 @@ def run_bench(cfg: BenchConfig) -> dict:
             "base": {"model": base.name, "input_size": base.input_size, "params": base.num_params,
                      "engine_dtype": str(engine.dtype).replace("torch.", ""), "kernel": engine.kernel_report(),
                      "pool_max_rank": max_rank, "merged_adapter_max_rank": merged.max_rank},
-            "throughput": throughput_section(cfg, base, engine, adapters, "merged", prog),
+            "throughput": throughput_section(cfg, base, engine, adapters, "merged", prog, work, engine_bf16),
             "cold_load": cold_load_section(cfg, work, prog),
             "memory": memory_section(cfg, engine),
             "scale": scale_section(cfg, base, work, prog),
         }
+        if engine_bf16 is not None:
+            results["bf16_agreement"] = bf16_agreement(cfg, base, engine, engine_bf16)
         m = merge_speed.run(sources=7 if not cfg.quick else 3, dim=cfg.merge_dim, depth=12 if not cfg.quick else 2,
                             rank=cfg.rank, repeats=2)
         results["merge"] = m
@@ -298,7 +336,7 @@ def goals(r: dict) -> list[dict]:
     tp = r["throughput"]
     big = str(max(int(b) for b in tp["base alone"]))
     base = tp["base alone"][big]["images_per_s"]
-    mixed = tp["engine: all-distinct adapters"][big]["images_per_s"]
+    mixed = tp[MIXED_NAME][big]["images_per_s"]
     out = [{"issue": 5, "what": f"mixed batch (every image a different adapter) vs base alone, batch {big}",
             "ratio": mixed / base, "goal": "≥ 0.97×", "met": mixed / base >= 0.97}]
     peft_name = "PEFT mixed batch (adapter_names)"
@@ -307,6 +345,20 @@ def goals(r: dict) -> list[dict]:
         gpu = r["config"]["device"].startswith("cuda")
         out.append({"issue": 5, "what": f"engine vs PEFT mixed-batch forward, batch {big}", "ratio": mixed / peft,
                     "goal": "≥ 3×" if gpu else "≥ 1.1×", "met": mixed / peft >= (3 if gpu else 1.1)})
+    if ORT_NAME in tp and "rounds_s" in tp[ORT_NAME][big]:
+        pr = paired_ratio(tp[ORT_NAME][big]["rounds_s"], tp[MIXED_NAME][big]["rounds_s"])
+        out.append({"issue": 30, "what": f"mixed batch ({r['config']['distinct']} adapters, every image a different one) "
+                    f"vs ONNX Runtime on one folded adapter, batch {big}: median of {pr['rounds']} paired rounds "
+                    f"(range {pr['min']:.2f}–{pr['max']:.2f}, engine ahead in {pr['ahead']} of {pr['rounds']})",
+                    "ratio": pr["median"], "goal": "≥ 1.0×", "met": pr["median"] >= 1.0, "paired": pr})
+        if BF16_NAME in tp:
+            pb = paired_ratio(tp[ORT_NAME][big]["rounds_s"], tp[BF16_NAME][big]["rounds_s"])
+            ag = r["bf16_agreement"]
+            out.append({"issue": 30, "what": f"the same mixed batch in bfloat16 (`[engine] dtype`) vs ONNX Runtime in "
+                        f"float32, batch {big}: median of {pb['rounds']} paired rounds (range {pb['min']:.2f}–"
+                        f"{pb['max']:.2f}); probabilities within {ag['max_abs_probability_diff']:.3g} of float32's, "
+                        f"top-1 the same for {ag['top1_agreement']:.0%}", "ratio": pb["median"], "goal": "(reported)",
+                        "met": None, "paired": pb})
     cl = r["cold_load"]
     out.append({"issue": 5, "what": f"cold load disk→ready, d={cl['adapter_shape']['dim']} r={cl['adapter_shape']['rank']}, p50 ms",
                 "ratio": cl["cold_to_ready"]["p50_ms"], "goal": "≤ 2 ms", "met": cl["goal_met"]})
@@ -323,6 +375,16 @@ def goals(r: dict) -> list[dict]:
     return out
 
 
+def paired_ratio(baseline_s: list[float], ours_s: list[float]) -> dict:
+    """Throughput ratio ours/baseline per interleaved round (the two ran back to back in each round,
+    so load from elsewhere hits both alike), summarised by its median and range."""
+    ratios = sorted(b / o for b, o in zip(baseline_s, ours_s))
+    n = len(ratios)
+    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return {"rounds": n, "median": median, "min": ratios[0], "max": ratios[-1],
+            "ahead": sum(x > 1.0 for x in ratios), "ratios": ratios}
+
+
 def kernel_summary(rep: dict | str) -> str:
     """One line of the engine's kernel report: the forced path, or the measured choice per batch size."""
     if isinstance(rep, str):  # results written before the kernel choice existed
@@ -332,6 +394,23 @@ def kernel_summary(rep: dict | str) -> str:
         return f"`{rep['kernel']}` ({rep['mode']}{graphs})"
     chosen = ", ".join(f"{b}→{c['kernel']}" for b, c in rep.get("by_batch", {}).items())
     return f"auto, measured per batch: {chosen or 'nothing yet'}{graphs}"
+
+
+def ort_text(r: dict) -> str:
+    """The paired rounds against ONNX Runtime, and the bfloat16 run's agreement with float32."""
+    text = (f"ONNX Runtime ran one adapter folded into the model `medlego export` writes "
+            f"({r['hardware']['torch_threads']} intra-op threads, all graph optimisations), back to back with "
+            f"the engine's mixed batch in each interleaved round. Engine/ORT throughput per round, sorted:")
+    for g in (g for g in r["goals"] if "paired" in g):
+        pr = g["paired"]
+        label = "bfloat16" if "bfloat16" in g["what"] else "float32"
+        text += f" {label} " + ", ".join(f"{x:.3f}" for x in pr["ratios"]) + f" (median **{pr['median']:.3f}×**);"
+    if "bf16_agreement" in r:
+        ag = r["bf16_agreement"]
+        text += (f" bfloat16 vs float32 on {ag['images']} images: largest probability difference "
+                 f"{ag['max_abs_probability_diff']:.3g}, same top-1 label for {ag['top1_agreement']:.0%}"
+                 + (" (a random-init base, whose near-uniform answers flip easily)." if ag["random_init_base"] else "."))
+    return text.rstrip(";")
 
 
 def to_markdown(r: dict) -> str:
@@ -376,6 +455,8 @@ def to_markdown(r: dict) -> str:
          f"{int(sc['device_evictions'])} device evictions."),
         ("Merge", merge_speed.to_markdown(r["merge"])),
     ]
+    if any("paired" in g for g in r["goals"]):
+        sections.append(("Against ONNX Runtime", ort_text(r)))
     if "http" in r:
         h = r["http"]
         sections.append(("End-to-end HTTP", f"{h['requests']} requests to {h['url']} ({h['adapter']}): "
@@ -445,6 +526,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-adapter", metavar="NAME", help="adapter to name in the HTTP requests")
     p.add_argument("--out", default=None, metavar="DIR", help="folder for bench.json, bench.md, bench.png " + OUT_HELP[len("folder for the results "):])
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off in a pipe anyway)")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="skip the bfloat16 run of the mixed batch (default: on a CPU with native bf16 matmuls)")
 
 
 def run_from_args(a) -> int:
@@ -466,6 +549,7 @@ def run_from_args(a) -> int:
             raise BadInputError("--http needs --http-adapter NAME")
         cfg.http, cfg.http_adapter = a.http, a.http_adapter
     cfg.progress = not a.no_progress
+    cfg.cpu_bf16 = not a.no_bf16
     r = run_bench(cfg)
     paths = write_all(r, Path(a.out or results_dir()))
     print(to_markdown(r))

@@ -21,23 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from medlego.benchmarks.common import OUT_HELP, hardware, percentile, results_dir, write_json
+from medlego.benchmarks.common import OUT_HELP, hardware, percentile, results_dir, uptime, write_json
 
 SHAPES = {"vit_base": (768, 12), "vit_small": (384, 12), "vit_tiny": (192, 12)}
-
-
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
 
 
 def _stats(times: list[float]) -> dict:
@@ -110,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="medlego-cold-") as tmp:
         stages = measure(args.model, args.n, args.rank, Path(tmp))
-    run = {"label": args.label, "model": args.model, "rank": args.rank, "stages": stages, "uptime": _uptime(),
+    run = {"label": args.label, "model": args.model, "rank": args.rank, "stages": stages, "uptime": uptime(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = args.out or results_dir()
     path = out / "cold_load.json"

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medlego.benchmarks.common import OUT_HELP, hardware, percentile, results_dir, write_json
+from medlego.benchmarks.common import OUT_HELP, hardware, percentile, results_dir, uptime, write_json
 
 GOALS = {"uniform_ratio": 0.90, "zipf_ratio": 0.97, "resolve_p50_ms": 1.0, "list_page_ms": 20.0}
 BATCH = 500  # registrations per transaction
@@ -50,13 +50,6 @@ QUICK = {"adapters": 60, "host": 16, "device": 8, "requests": 96, "warmup": 24, 
 def _ms(times: list[float]) -> dict:
     return {"p50_ms": round(1e3 * percentile(times, 50), 3), "p99_ms": round(1e3 * percentile(times, 99), 3),
             "n": len(times)}
-
-
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
 
 
 # -- the servers --------------------------------------------------------------------------------------
@@ -309,7 +302,7 @@ def run(cfg: dict) -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="medlego-scale-"))
     root.chmod(0o755)  # the embedded PostgreSQL runs as its own user when started by root
-    load_before = _uptime()
+    load_before = uptime()
     try:
         base = load_base(cfg["model"], init_weights_file(cfg["model"], 0, root / "base.safetensors",
                                                          img_size=cfg["img_size"]))
@@ -329,7 +322,7 @@ def run(cfg: dict) -> dict:
              "resolve_p50_ms": offline["resolve"]["p50_ms"] <= GOALS["resolve_p50_ms"],
              "list_page_ms": offline["list"]["pages"]["p50_ms"] <= GOALS["list_page_ms"]}
     return {"benchmark": "scale_bench", "config": cfg, "machine": hardware(), "load_before": load_before,
-            "load_after": _uptime(), **offline, "mixes": mixes, "one_adapter_images_per_s": round(one, 2),
+            "load_after": uptime(), **offline, "mixes": mixes, "one_adapter_images_per_s": round(one, 2),
             "ratios": ratios, "goals": GOALS, "goals_met": goals}
 
 

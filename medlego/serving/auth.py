@@ -76,6 +76,7 @@ ROUTES: dict[str, str | None] = {
     "rpc inference.GRPCInferenceService/ModelMetadata": "describe",
     "rpc inference.GRPCInferenceService/ModelReady": "describe",
     "rpc inference.GRPCInferenceService/ModelInfer": "diagnose",
+    "rpc inference.GRPCInferenceService/RepositoryIndex": "read",
     "rpc inference.GRPCInferenceService/ServerLive": None, "rpc inference.GRPCInferenceService/ServerReady": None,
     "rpc inference.GRPCInferenceService/ServerMetadata": None,
 }

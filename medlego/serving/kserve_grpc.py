@@ -20,6 +20,7 @@ from medlego.runtime.registry.audit import CURRENT
 from medlego.runtime.errors import BadInputError, MedlegoError, PayloadTooLargeError, answer_of
 
 from . import kserve
+from .kserve_repository import index_page
 from . import kserve_v2_pb2 as pb
 from . import kserve_v2_pb2_grpc as pb_grpc
 from .contract import DiagnosisAPI
@@ -141,6 +142,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                                          parameters={k: _param(v) for k, v in result.parameters.items()},
                                          raw_output_contents=[np.ascontiguousarray(probs, dtype="<f4").tobytes()])
         return await self._call("ModelInfer", context, run, pb.ModelInferResponse())
+
+    async def RepositoryIndex(self, request, context):
+        async def run(authorization):
+            self.api.auth.check_route(authorization, "rpc inference.GRPCInferenceService/RepositoryIndex")
+            if request.repository_name:
+                raise BadInputError(f"repository {request.repository_name!r:.60}: this server has one repository; "
+                                    "leave repository_name empty")
+            index, cursor = await index_page(self.api, request.limit or None, request.cursor or None,
+                                             request.prefix or None, request.task or None, request.base or None)
+            entry = pb.RepositoryIndexResponse.ModelIndex
+            return pb.RepositoryIndexResponse(models=[entry(**e) for e in index], next_cursor=cursor or "")
+        return await self._call("RepositoryIndex", context, run, pb.RepositoryIndexResponse())
 
 
 def add_kserve(server: grpc.aio.Server, api: DiagnosisAPI) -> None:

@@ -6,7 +6,8 @@ keyset listing as ``/v1`` (``runtime/registry/listing.py``). The body's optional
 ``cursor``, ``prefix``, ``task`` and ``base`` (a client that sends none of them, e.g. Triton's
 client with ``{"ready": true}``, gets the first page); the next page's cursor is in the
 ``X-Next-Cursor`` header, absent on the last page, so the array itself keeps the protocol's shape.
-Every registered version is servable (loaded on first use), so each is ``READY``.
+Every registered version is servable (loaded on first use), so each is ``READY``. The gRPC
+``RepositoryIndex`` (``kserve_grpc.py``) answers the same page from the same :func:`index_page`.
 """
 
 from __future__ import annotations
@@ -39,17 +40,23 @@ def _body(raw: bytes) -> dict:
     return body
 
 
+async def index_page(service: DiagnosisAPI, limit: int | None = None, cursor: str | None = None,
+                     prefix: str | None = None, task: str | None = None,
+                     base: str | None = None) -> tuple[list[dict], str | None]:
+    """One page of the index, as the extension's entries, and the next page's cursor (None: the last)."""
+    page = await service.list_adapters(limit, cursor, prefix, task, base)
+    index = [{"name": a["name"], "version": str(a["version"]), "state": "READY", "reason": ""} for a in page["adapters"]]
+    return index, page.get("next_cursor")
+
+
 def mount_repository(v2: FastAPI, service: DiagnosisAPI, auth) -> None:
     """Add the index route to the /v2 sub-application; auth(request, route) checks the token first."""
 
     async def repository_index(request: Request):
         auth(request, ROUTE)
         body = _body(await request.body())
-        page = await service.list_adapters(body.get("limit"), body.get("cursor"), body.get("prefix"),
-                                           body.get("task"), body.get("base"))
-        index = [{"name": a["name"], "version": str(a["version"]), "state": "READY", "reason": ""}
-                 for a in page["adapters"]]
-        cursor = page.get("next_cursor")
+        index, cursor = await index_page(service, body.get("limit"), body.get("cursor"), body.get("prefix"),
+                                         body.get("task"), body.get("base"))
         return JSONResponse(index, headers={NEXT_CURSOR_HEADER: cursor} if cursor else None)
 
     v2.add_api_route("/repository/index", repository_index, methods=["POST"], tags=["v2"],

@@ -46,6 +46,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=medlego_dot_serving_dot_kserve__v2__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=medlego_dot_serving_dot_kserve__v2__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
+        self.RepositoryIndex = channel.unary_unary(
+                '/inference.GRPCInferenceService/RepositoryIndex',
+                request_serializer=medlego_dot_serving_dot_kserve__v2__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=medlego_dot_serving_dot_kserve__v2__pb2.RepositoryIndexResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer:
@@ -93,6 +98,13 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RepositoryIndex(self, request, context):
+        """The model repository extension's index: a page of the registered versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +137,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelInfer,
                     request_deserializer=medlego_dot_serving_dot_kserve__v2__pb2.ModelInferRequest.FromString,
                     response_serializer=medlego_dot_serving_dot_kserve__v2__pb2.ModelInferResponse.SerializeToString,
+            ),
+            'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryIndex,
+                    request_deserializer=medlego_dot_serving_dot_kserve__v2__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=medlego_dot_serving_dot_kserve__v2__pb2.RepositoryIndexResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -289,6 +306,33 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelInfer',
             medlego_dot_serving_dot_kserve__v2__pb2.ModelInferRequest.SerializeToString,
             medlego_dot_serving_dot_kserve__v2__pb2.ModelInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepositoryIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inference.GRPCInferenceService/RepositoryIndex',
+            medlego_dot_serving_dot_kserve__v2__pb2.RepositoryIndexRequest.SerializeToString,
+            medlego_dot_serving_dot_kserve__v2__pb2.RepositoryIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,
