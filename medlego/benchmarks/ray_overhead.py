@@ -13,7 +13,9 @@ Each runs ``load_bench`` (embedded, then Ray with one replica; every answer chec
 in-process engine) with the settings below; the hops inside Ray come from the answers' own timings:
 ``proxy → ingress`` = client latency − ``ingress_total``, ``ingress → replica`` = ``ingress_total``
 − the replica's ``total``. The machine may be shared: the 1-minute load average is recorded beside
-every number. Results: ``ray_overhead.{json,md}`` under ``--out``.
+every number. Results: ``ray_overhead.{json,md}`` under ``--out``; with ``--label`` (e.g. ``before``
+and ``after`` a change, each run from its own checkout) the runs of other labels already in the file
+are kept, so one table compares them.
 """
 
 from __future__ import annotations
@@ -74,6 +76,14 @@ def summarize(size: str, report: dict) -> dict:
             "command": report["command"]}
 
 
+def merge_runs(path: Path, label: str, rows: list[dict]) -> list[dict]:
+    """The rows of other labels already in `path` (a previous run's file), then this run's."""
+    kept = []
+    if path.exists():
+        kept = [r for r in json.loads(path.read_text()).get("sizes", []) if r.get("label", "") != label]
+    return kept + [{**r, "label": label} for r in rows]
+
+
 def markdown(rows: list[dict], command: str) -> str:
     lines = ["# Ray Serve's fixed cost per request, apart from the machine", "",
              "Light load: one request in flight. Fixed cost = Ray (1 replica) light-load p50 − embedded "
@@ -84,20 +94,21 @@ def markdown(rows: list[dict], command: str) -> str:
              "above 1 is such a case). proxy→ingress = client latency − the ingress's `ingress_total`: Ray's HTTP "
              "proxy and the client's own HTTP (the embedded server's `outside_server`, below, is that client part); "
              "ingress→replica = `ingress_total` − the replica's `total`.", "",
-             "| size | embedded p50 (ms) [load] | Ray p50 (ms) [load] | fixed cost (ms) | proxy→ingress (ms) "
+             "| run | size | embedded p50 (ms) [load] | Ray p50 (ms) [load] | fixed cost (ms) | proxy→ingress (ms) "
              "| ingress→replica (ms) | img/s embedded / Ray (per round) | Ray / embedded | round loads | errors |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
     for r in rows:
         e, y, h = r["embedded_light"], r["ray_light"], r["ray_hops_ms"]
-        lines.append(f"| {r['size']} ({r['img_size']} px) | {e['p50_ms']} [{e['load_avg']}] | {y['p50_ms']} "
+        lines.append(f"| {r.get('label', '')} | {r['size']} ({r['img_size']} px) | {e['p50_ms']} [{e['load_avg']}] | {y['p50_ms']} "
                      f"[{y['load_avg']}] | {r['fixed_cost_ms']} | {h.get('proxy_to_ingress_and_back', '')} | "
                      f"{h.get('ingress_to_replica_and_back', '')} | {r['embedded_img_s']} / {r['ray_img_s']} | "
                      f"{r['throughput_ratio']} | {r['round_loads']} | {r['errors']} |")
     lines += ["", "Stages (median ms of the answers' `timings_ms`) at light load:", ""]
     for r in rows:
-        lines.append(f"* {r['size']}: embedded {r['embedded_light']['stages_ms']}; Ray {r['ray_light']['stages_ms']}")
+        lines.append(f"* {r.get('label', '')} {r['size']}: embedded {r['embedded_light']['stages_ms']}; "
+                     f"Ray {r['ray_light']['stages_ms']}")
     lines += ["", f"Command: `{command}`; each size's load_bench command:", ""]
-    lines += [f"* {r['size']}: `{r['command']}`" for r in rows]
+    lines += [f"* {r.get('label', '')} {r['size']}: `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -106,14 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="tiny,224", help="which of: " + ", ".join(SIZES))
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=None, help=OUT_HELP)
+    p.add_argument("--label", default="current",
+                   help="this run's name in the results; runs of other labels already there are kept")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else results_dir()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="medlego-ray-overhead-") as tmp:  # load_bench's own files: not kept
         rows = [summarize(size, run_size(size, args.rounds, Path(tmp))) for size in args.sizes.split(",")]
     command = shlex.join(["python", "-m", "medlego.benchmarks.ray_overhead", *(argv if argv is not None else sys.argv[1:])])
-    (out / "ray_overhead.json").write_text(json.dumps({"goals": GOALS, "sizes": rows, "command": command}, indent=1))
-    (out / "ray_overhead.md").write_text(markdown(rows, command))
+    table = merge_runs(out / "ray_overhead.json", args.label, rows)
+    (out / "ray_overhead.json").write_text(json.dumps({"goals": GOALS, "sizes": table, "command": command}, indent=1))
+    (out / "ray_overhead.md").write_text(markdown(table, command))
     print((out / "ray_overhead.md").read_text())
     return 1 if any(r["errors"] for r in rows) else 0
 
