@@ -25,3 +25,12 @@ def test_runs_of_other_labels_are_kept_and_the_same_label_replaced(tmp_path):
     assert [(r["label"], r["fixed_cost_ms"]) for r in again] == [("before", 9.0), ("after", 4.0)]
     md = ray_overhead.markdown(again, "cmd")
     assert "| before | tiny (32 px) |" in md and "| after | tiny (32 px) |" in md
+
+
+def test_fixed_cost_is_the_time_outside_the_engine_not_the_p50_difference():
+    # the run where the embedded server's inference was 6 ms slower than the replica's: the p50s differ
+    # by 3.5 ms, but a request spent 10.6 ms more outside the engine through Ray
+    embedded = {"outside_server": 3.1, "inference": 21.4, "total": 29.4}
+    ray = {"outside_server": 13.7, "inference": 15.0, "total": 22.2}
+    assert ray_overhead.outside_engine_cost(embedded, ray) == 10.6
+    assert ray_overhead.outside_engine_cost({}, ray) is None  # an old report without the stage: unknown, not 0
