@@ -185,6 +185,16 @@ def test_a_port_in_use_is_found_before_the_base_loads(capfd, files):
     assert out == ""  # no "serving …" banner before the failure
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "500"])
+def test_a_switch_interval_out_of_range_is_found_before_the_base_loads(capfd, files, tmp_path, value):
+    config = tmp_path / "serve.toml"
+    config.write_text(f"[server]\nswitch_interval_ms = {value}\n")
+    rc, out, err = run(capfd, "serve", *BASE, "--weights", "no-such-base.safetensors", "--data-dir",
+                       str(files["dir"]), "--config", str(config), "--no-grpc")
+    one_line(rc, err, "serve", "[server] switch_interval_ms must be above 0 and at most 100")
+    assert out == ""
+
+
 def test_a_grpc_port_in_use(capfd, files):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -8,11 +8,13 @@ be measuring itself."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -51,37 +53,39 @@ def _reset_peak_rss(pid: int) -> None:
         fh.write("5")  # peak RSS := RSS now (Linux >= 4.0)
 
 
-def burst(url: str, files: dict[str, bytes]) -> dict:
-    """SENDERS threads send every hostile file ROUNDS times while one normal client diagnoses and
-    probes /healthz in a loop; the answers and the normal client's latencies."""
-    answers: list[tuple[str, int, str]] = []
-    done = threading.Event()
+def burst(url: str, files: dict[str, bytes], work: Path) -> dict:
+    """SENDERS threads of another process send every hostile file ROUNDS times while one normal client
+    diagnoses and probes /healthz in a loop; the answers and the normal client's latencies."""
+    (work / "files").mkdir()
+    for name, data in files.items():
+        (work / "files" / name).write_bytes(data)
+    out = work / "answers.json"
+    senders = subprocess.Popen([sys.executable, str(Path(__file__).with_name("burst_sender.py")), url,
+                                str(work / "files"), str(SENDERS), str(ROUNDS), str(out)])
+    diagnose_s, healthz_s, probe_errors = [], [], []
 
-    def sender():
+    def probe():  # a liveness probe every 20 ms for as long as the burst lasts
         with httpx.Client(base_url=url, timeout=120) as c:
-            for _ in range(ROUNDS):
-                for name, data in files.items():
-                    r = c.post("/v1/diagnose", files={"file": ("x.dcm", data)}, data={"adapter": "b0"})
-                    answers.append((name, r.status_code, r.json().get("detail", "") if r.status_code >= 400 else ""))
-
-    diagnose_s, healthz_s = [], []
-    with httpx.Client(base_url=url, timeout=120) as c:
-        threads = [threading.Thread(target=sender) for _ in range(SENDERS)]
-        for t in threads:
-            t.start()
-        threading.Thread(target=lambda: ([t.join() for t in threads], done.set())).start()
-        while not done.is_set():
-            for _ in range(3):
+            while senders.poll() is None:
                 t0 = time.perf_counter()
-                assert c.get("/healthz").status_code == 200
+                status = c.get("/healthz").status_code
                 healthz_s.append(time.perf_counter() - t0)
+                if status != 200:
+                    probe_errors.append(status)
                 time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    with httpx.Client(base_url=url, timeout=120) as c:
+        while senders.poll() is None:
             t0 = time.perf_counter()
             r = c.post("/v1/diagnose", files={"file": ("a.png", PNG)}, data={"adapter": "b0"})
             diagnose_s.append(time.perf_counter() - t0)
             assert r.status_code == 200, r.text
             time.sleep(0.02)
-    return {"answers": answers, "diagnose_s": diagnose_s, "healthz_s": healthz_s}
+    prober.join()
+    assert senders.returncode == 0 and not probe_errors, probe_errors
+    return {"answers": [tuple(a) for a in json.loads(out.read_text())], "diagnose_s": diagnose_s, "healthz_s": healthz_s}
 
 
 def test_a_burst_of_hostile_dicom_delays_no_one(tmp_path, tiny_base, tiny_base_file):
@@ -105,7 +109,7 @@ def test_a_burst_of_hostile_dicom_delays_no_one(tmp_path, tiny_base, tiny_base_f
         _reset_peak_rss(proc.pid)
         base = _peak_rss(proc.pid)
         t0 = time.perf_counter()
-        result = burst(url, files)
+        result = burst(url, files, tmp_path)
         took = time.perf_counter() - t0
         growth = _peak_rss(proc.pid) - base
     finally:
@@ -113,16 +117,16 @@ def test_a_burst_of_hostile_dicom_delays_no_one(tmp_path, tiny_base, tiny_base_f
         proc.communicate(timeout=60)
     answers, diagnose_s, healthz_s = result["answers"], result["diagnose_s"], result["healthz_s"]
     print(f"\n{len(answers)} hostile requests in {took:.1f} s; normal diagnose max {max(diagnose_s) * 1000:.0f} ms "
-          f"over {len(diagnose_s)}; /healthz max {max(healthz_s) * 1000:.0f} ms; peak RSS growth {growth / 2**20:.0f} MB")
+          f"over {len(diagnose_s)}; /healthz max {max(healthz_s) * 1000:.0f} ms over {len(healthz_s)} "
+          f"(slowest {sorted(round(s * 1000) for s in healthz_s)[-5:]} ms); peak RSS growth {growth / 2**20:.0f} MB")
     assert len(answers) == SENDERS * ROUNDS * len(files)
     for name, status, detail in answers:
         assert status in (400, 413, 422), (name, status, detail)  # never 200, never 503 "retry later"
         assert detail and "\n" not in detail, (name, detail)
     assert max(diagnose_s) < 3.0, diagnose_s  # before: a normal request waited 64 s behind 16 fragment bombs
-    # The issue asks for /healthz under 100 ms at every probe. On these 2 cores, with the senders' process and
-    # the engine's threads on them too, one or two probes in a burst still land at 100-280 ms (measured
-    # out of process; a 1 ms switch interval did not change it), so that bound is NOT met and issue 24
-    # stays open for it. What holds every time: the typical probe is fast and none comes near a freeze.
-    healthz_s.sort()
-    assert healthz_s[len(healthz_s) // 2] < 0.1 and healthz_s[-1] < 0.5, healthz_s[-5:]
+    # The issue's bound: /healthz under 100 ms at every probe, a probe every 20 ms throughout the burst.
+    # It holds because the server's switch interval is 0.5 ms ([server] switch_interval_ms): at CPython's
+    # default 5 ms the loop waited that long for each turn back from the decode and parse threads, and
+    # probes reached 112-120 ms (measured with this harness, senders in their own process).
+    assert len(healthz_s) >= 20 and max(healthz_s) < 0.1, sorted(healthz_s)[-5:]
     assert growth < 256 * 2**20, f"{growth / 2**20:.0f} MB"  # before: about 1 GB per RLE bomb or flood

@@ -103,6 +103,7 @@ def _run(args) -> int:
     cfg = config_from_args(args)
     srv = cfg.server
     check_device(cfg.engine.device)
+    srv.apply_switch_interval()  # the event loop's turn back from busy threads (checked before the base loads)
     check_port_free(srv.host, srv.port, "--port")
     if srv.grpc:
         check_port_free(srv.host, srv.grpc_port, "--grpc-port")

@@ -183,7 +183,9 @@ class MedlegoIngress(RpcMethods, KServeMethods):
     proxy: medlego.v1's and the Open Inference Protocol's (``inference.GRPCInferenceService``)."""
 
     def __init__(self, replicas, config: dict):
-        self.frontend = RayFrontend(replicas, config_from_dict(config))
+        cfg = config_from_dict(config)
+        cfg.server.apply_switch_interval()  # this actor's process: its event loop shares the lock with threads
+        self.frontend = RayFrontend(replicas, cfg)
         self.rpc = MedlegoRPC(self.frontend)
         self.kserve = KServeServicer(self.frontend)
 

@@ -111,6 +111,7 @@ class MedlegoReplica:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         cfg = on_this_node(config_from_dict(config))
+        cfg.server.apply_switch_interval()  # this actor's process: decode threads beside its event loop
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         # pid: what an operator needs to find this replica's process (/v1/info, from a replica)
         self.node = {"node_id": ray.get_runtime_context().get_node_id(), "cache_dir": cfg.registry.cache_dir,
