@@ -30,6 +30,7 @@ from medlego.runtime.config import BatchingConfig, EngineConfig
 from medlego.runtime.engine import Engine
 from medlego.runtime.errors import StorageFullError
 from medlego.runtime.registry import Registry
+from servers import HealthProbe
 from medlego.runtime.registry.index_sqlite import SqliteIndex
 from medlego.serving.auth import Auth
 from medlego.serving.server import EmbeddedServer
@@ -158,7 +159,7 @@ def test_hung_store_keeps_memory_serving_and_bounds_cold_loads_and_registration(
         assert diagnose(server.url, "hot")[0] == 200  # now in memory
         os.kill(proc.pid, signal.SIGSTOP)  # S3 hangs: connections are accepted, nothing is answered
         engine = server.service.engine
-        with cf.ThreadPoolExecutor(6) as pool:
+        with HealthProbe(server.url) as probe, cf.ThreadPoolExecutor(6) as pool:
             # more cold loads than decode workers (2), one of them asked twice
             cold = [pool.submit(diagnose, server.url, ref) for ref in ("cold1", "cold2", "cold1", "cold3")]
             upload = pool.submit(register, server.url, "new",
@@ -171,6 +172,7 @@ def test_hung_store_keeps_memory_serving_and_bounds_cold_loads_and_registration(
                 hot.append(diagnose(server.url, "hot", timeout=30))
             cold_answers = [f.result() for f in cold]
             reg_status, reg_s, reg_body = upload.result()
+        probe.assert_fast()  # liveness never waited on the hung store
         assert hot and all(status == 200 for status, _, _ in hot), hot
         assert max(s for _, s, _ in hot) < HOT_BOUND_S, [round(s, 2) for _, s, _ in hot]
         for status, seconds, text in cold_answers:
