@@ -10,12 +10,14 @@ registration answers 503 within ~10 s; after the thaw everything works again. A 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,13 +32,15 @@ from medlego.runtime.config import BatchingConfig, EngineConfig
 from medlego.runtime.engine import Engine
 from medlego.runtime.errors import StorageFullError
 from medlego.runtime.registry import Registry
-from servers import HealthProbe
 from medlego.runtime.registry.index_sqlite import SqliteIndex
 from medlego.serving.auth import Auth
 from medlego.serving.server import EmbeddedServer
 from medlego.serving.service import DiagnosisService
+from servers import HealthProbe
+from waiting import wait_until
 
 ADMIN = "outage-admin-token"
+API = "outage-api-token"
 HOT_BOUND_S = 3.0  # an adapter in memory is answered within this while the store hangs
 COLD_BOUND_S = 12.0  # a cold load's 503: load_timeout_s (10 s) plus scheduling
 REGISTER_BOUND_S = 10.5  # a registration's 503: two store attempts of ≤ 3 s reads (+ back-off)
@@ -301,3 +305,120 @@ def test_full_node_cache_serves_verified_bytes_from_memory(s3, disks, tmp_path, 
         assert sorted(p.name for p in cache.iterdir()) == [filler.name]  # no partial file left
     finally:
         server.stop()
+
+
+# -- the database goes away -------------------------------------------------------------------------
+class SocketRelay:
+    """A unix-socket relay in front of PostgreSQL's own socket. ``down()`` closes its listener and
+    every relayed connection, as when the database's host goes away (a connect is refused at once,
+    an open connection breaks); ``up()`` listens again. The database behind it is the real one."""
+
+    def __init__(self, target: Path, folder: Path):
+        self.target, self.path = target, folder / target.name
+        self.listener: socket.socket | None = None
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+
+    def up(self) -> None:
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(self.path))
+        s.listen(64)
+        self.listener = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # down(): the listener was shut
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(str(self.target))
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def down(self) -> None:
+        assert self.listener is not None
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the relay's thread
+        self.listener.close()
+        self.path.unlink(missing_ok=True)
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+
+DB_DOWN_BOUND_S = 2.0  # a diagnosis while the index is unreachable: a 503 within this (connects are refused)
+
+
+def test_database_outage_keeps_liveness_answers_503_and_loses_no_audit_row(postgres_url, tmp_path, tiny_base,
+                                                                           tiny_base_file):
+    """Issue 24 item 4, black-box: the registry's PostgreSQL goes away under a serving node with an
+    audit trail. /healthz stays under 100 ms at every probe, a diagnosis is a prompt 503, a flood of
+    anonymous 401s (each one an audit row) does not block, and once the database is back the node
+    answers again without a restart and every buffered row is written with the chain intact."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from medlego.runtime.config import AuditConfig
+    from medlego.runtime.registry import audit
+    from medlego.runtime.registry.index import open_index
+
+    host = parse_qs(urlsplit(postgres_url).query)["host"][0]
+    relay_dir = tmp_path / "relay"
+    relay_dir.mkdir()
+    relay = SocketRelay(next(Path(host).glob(".s.PGSQL.*")), relay_dir)
+    relay.up()
+    url = postgres_url.replace(f"host={host}", f"host={relay_dir}")
+    base = load_base(TINY_MODEL, tiny_base_file)
+    reg = Registry(tmp_path / "data", url=url, base=base.spec, max_rank=16, input_size=base.input_size)
+    reg.register("hot", random_adapter(tiny_base.spec, tiny_base.preprocess, seed=7).to_bytes())
+    log = audit.AuditLog(reg.index, AuditConfig(flush_interval_s=0.05))
+    service = DiagnosisService(Engine(base, reg, EngineConfig(slots=8)), auth=Auth(admin_token=ADMIN, api_token=API),
+                               audit=log, batching=BatchingConfig(max_batch=8, max_wait_ms=2))
+    server = EmbeddedServer(service, host="127.0.0.1", port=0, grpc_port=None).start()
+    token = {"Authorization": f"Bearer {API}"}
+
+    def diagnose_hot() -> tuple[int, float]:
+        t0 = time.perf_counter()
+        r = httpx.post(server.url + "/v1/diagnose", files={"file": ("x.png", PNG)}, data={"adapter": "hot"},
+                       headers=token, timeout=30)
+        return r.status_code, time.perf_counter() - t0
+
+    try:
+        assert diagnose_hot()[0] == 200
+        with HealthProbe(server.url) as probe:
+            relay.down()
+            during = [diagnose_hot() for _ in range(5)]
+            anonymous = []
+            for _ in range(60):
+                t0 = time.perf_counter()
+                anonymous.append((httpx.get(server.url + "/v1/adapters", timeout=30).status_code,
+                                  time.perf_counter() - t0))
+            time.sleep(0.5)  # failed flushes retry meanwhile
+        probe.assert_fast()
+        assert all(status == 503 and seconds < DB_DOWN_BOUND_S for status, seconds in during), during
+        assert all(status == 401 and seconds < 1.0 for status, seconds in anonymous), anonymous
+        relay.up()
+        wait_until(lambda: diagnose_hot()[0] == 200, timeout=30, what="a diagnosis after the database came back")
+    finally:
+        server.stop()  # flushes the audit buffer
+    direct = open_index(postgres_url, tmp_path / "direct")
+    flood = [r for r in audit.query(direct, kind="refused") if r.get("action") == "read" and r.get("caller") == ""]
+    assert sum(r.get("repeated") or 1 for r in flood) == 60, flood  # one row, then rows counting the repeats
+    assert audit.verify(direct).ok
