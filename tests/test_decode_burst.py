@@ -1,6 +1,7 @@
 """A burst of hostile DICOM files at a real server (issue 24 items 1 and 6): each is refused with a
-4xx and a reason, the server's memory stays bounded, and meanwhile a normal client's diagnosis is
-answered within a bound and /healthz in under 100 ms.
+4xx and a reason, the server's memory stays bounded, and meanwhile another caller's diagnosis is
+answered within a bound (the decode pool takes turns between callers) and /healthz in under 100 ms
+at every probe.
 
 The server is a `medlego serve` process of its own, probed from outside as an attacker and a client
 would: the test's sender threads must not share the server's interpreter lock, or the harness would
@@ -9,6 +10,7 @@ be measuring itself."""
 from __future__ import annotations
 
 import json
+from hashlib import sha256
 import signal
 import subprocess
 import sys
@@ -28,7 +30,12 @@ from servers import seeded_registry, wait_ready
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 PNG = encode_png(random_image(4, 32))
-SENDERS = 4
+SENDERS = 12  # more than the decode workers: the attacker always has tasks waiting
+ATTACKER, CLINIC = "attacker-token-1", "clinic-token-2"  # two callers: the decode pool takes turns between them
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 ROUNDS = 2
 
 
@@ -61,7 +68,7 @@ def burst(url: str, files: dict[str, bytes], work: Path) -> dict:
         (work / "files" / name).write_bytes(data)
     out = work / "answers.json"
     senders = subprocess.Popen([sys.executable, str(Path(__file__).with_name("burst_sender.py")), url,
-                                str(work / "files"), str(SENDERS), str(ROUNDS), str(out)])
+                                str(work / "files"), str(SENDERS), str(ROUNDS), str(out), ATTACKER])
     diagnose_s, healthz_s, probe_errors = [], [], []
 
     def probe():  # a liveness probe every 20 ms for as long as the burst lasts
@@ -76,7 +83,7 @@ def burst(url: str, files: dict[str, bytes], work: Path) -> dict:
 
     prober = threading.Thread(target=probe)
     prober.start()
-    with httpx.Client(base_url=url, timeout=120) as c:
+    with httpx.Client(base_url=url, timeout=120, headers=bearer(CLINIC)) as c:
         while senders.poll() is None:
             t0 = time.perf_counter()
             r = c.post("/v1/diagnose", files={"file": ("a.png", PNG)}, data={"adapter": "b0"})
@@ -91,7 +98,11 @@ def burst(url: str, files: dict[str, bytes], work: Path) -> dict:
 def test_a_burst_of_hostile_dicom_delays_no_one(tmp_path, tiny_base, tiny_base_file):
     data = seeded_registry(tmp_path / "data", tiny_base, ["b0"], 40)
     config = tmp_path / "serve.toml"
-    config.write_text("[engine]\nslots = 8\n[batching]\nmax_batch = 16\nmax_wait_ms = 3\n")
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text("".join(f'[[token]]\nname = "{name}"\nrole = "diagnose"\nsha256 = "{sha256(token.encode()).hexdigest()}"\n'
+                              for name, token in (("attacker", ATTACKER), ("clinic", CLINIC))))
+    config.write_text(f"[engine]\nslots = 8\n[batching]\nmax_batch = 16\nmax_wait_ms = 3\n"
+                      f"[auth]\ntokens_file = \"{tokens}\"\n")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "medlego", "serve", "--model", TINY_MODEL, "--weights",
                              str(tiny_base_file), "--data-dir", str(data), "--port", str(port), "--no-grpc",
@@ -101,7 +112,7 @@ def test_a_burst_of_hostile_dicom_delays_no_one(tmp_path, tiny_base, tiny_base_f
     files = hostile_files()
     try:
         wait_ready(url, proc, timeout=120)
-        with httpx.Client(base_url=url, timeout=60) as c:  # warm: every decoder and the batch path
+        with httpx.Client(base_url=url, timeout=60, headers=bearer(CLINIC)) as c:  # warm: every decoder, the batch path
             for _ in range(3):
                 assert c.post("/v1/diagnose", files={"file": ("a.png", PNG)}, data={"adapter": "b0"}).status_code == 200
             assert c.post("/v1/diagnose", files={"file": ("x.dcm", hostile.jpeg_dicom())},
@@ -123,7 +134,10 @@ def test_a_burst_of_hostile_dicom_delays_no_one(tmp_path, tiny_base, tiny_base_f
     for name, status, detail in answers:
         assert status in (400, 413, 422), (name, status, detail)  # never 200, never 503 "retry later"
         assert detail and "\n" not in detail, (name, detail)
-    assert max(diagnose_s) < 3.0, diagnose_s  # before: a normal request waited 64 s behind 16 fragment bombs
+    # the decode pool takes turns between callers (serving/fair_pool.py): the clinic's image waits for the
+    # decodes already running, not for the attacker's queue. Measured with 12 senders: at most 0.63-0.90 s;
+    # in arrival order (one queue for all) 2.0-2.2 s. Before issue 24: 64 s behind 16 fragment bombs.
+    assert max(diagnose_s) < 1.5, [round(s, 2) for s in diagnose_s]
     # The issue's bound: /healthz under 100 ms at every probe, a probe every 20 ms throughout the burst.
     # It holds because the server's switch interval is 0.5 ms ([server] switch_interval_ms): at CPython's
     # default 5 ms the loop waited that long for each turn back from the decode and parse threads, and

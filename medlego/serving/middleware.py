@@ -82,7 +82,9 @@ class RequestIdMiddleware:
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
         rid = given if valid_request_id(given) else uuid.uuid4().hex
-        CURRENT.set({"id": rid, "api": "v2" if scope.get("path", "").startswith("/v2") else "rest"})
+        # the peer address: the decode pool's turn-taking key for a caller without a token (fair_pool.py)
+        client = (scope.get("client") or ("",))[0]
+        CURRENT.set({"id": rid, "api": "v2" if scope.get("path", "").startswith("/v2") else "rest", "client": client})
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":

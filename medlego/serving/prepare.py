@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from medlego.runtime.imaging import preprocess
 from . import limits as checks
 from .audit_recorder import image_fields
 from .contract import DiagnoseItem
+from .fair_pool import FairPool
 
 
 def prepare(engine: Engine, limits: Limits, item: DiagnoseItem, held=None, load: bool = True) -> tuple[Request, float]:
@@ -58,8 +58,9 @@ def _preprocessed(pixels, size: int, ref: str) -> torch.Tensor:
     return image
 
 
-def single_threaded_executor(workers: int, name: str) -> ThreadPoolExecutor:
-    """A thread pool whose threads run torch ops on one intra-op thread each.
+def single_threaded_executor(workers: int, name: str) -> FairPool:
+    """The decode pool (``fair_pool.FairPool``: round-robin over clients), whose threads run torch ops
+    on one intra-op thread each.
 
     Decoding and preprocessing are small tensor ops; with torch's default intra-op parallelism
     every decode thread would start its own OpenMP team next to the engine's, and on a busy CPU
@@ -74,7 +75,7 @@ def single_threaded_executor(workers: int, name: str) -> ThreadPoolExecutor:
         torch.get_num_threads()  # this thread's own lazy thread-count init happens first…
         torch.set_num_threads(1)  # …so this sticks to the thread
 
-    pool = ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=init)
+    pool = FairPool(workers, name, initializer=init)
     barrier = threading.Barrier(workers + 1)
     for _ in range(workers):
         pool.submit(barrier.wait, 30)
