@@ -465,3 +465,37 @@ def test_a_full_buffer_never_blocks_and_failed_flushes_count_once(tmp_path):
     log.close()
     rows = audit.query(index)
     assert len(rows) == 51 and rows[-1]["repeated"] == 100 and audit.verify(index).ok
+
+
+def test_an_outage_logs_its_first_failure_then_one_line_per_interval(tmp_path, caplog):
+    """The flusher retries every flush_interval_s; an outage gives one ERROR line, not one per retry,
+    and the recovery one WARNING line."""
+    import logging
+    import time
+
+    from medlego.runtime.registry.index import open_index
+
+    index = open_index(None, tmp_path)
+
+    class Down:
+        def __getattr__(self, name):
+            return getattr(index, name)
+
+        def write(self, fn):
+            raise OSError("database down")
+
+    log = audit.AuditLog(index, AuditConfig(flush_interval_s=0.02))
+    log.index = Down()
+    with caplog.at_level(logging.WARNING, logger="medlego.audit"):
+        log.record("diagnosis", caller="x")
+        deadline = time.monotonic() + 5
+        while log.flush_errors < 10 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert log.flush_errors >= 10
+        log.index = index
+        log.flush()
+    failed = [r for r in caplog.records if "audit write failed" in r.getMessage()]
+    assert len(failed) == 1, [r.getMessage() for r in failed]
+    assert any("audit writes work again" in r.getMessage() for r in caplog.records)
+    log.close()
+    assert len(audit.query(index)) == 1 and audit.verify(index).ok

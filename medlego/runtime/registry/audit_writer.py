@@ -16,6 +16,7 @@ from .audit_keys import Signer, write_checkpoint
 
 log = logging.getLogger("medlego.audit")
 
+FAILURE_LOG_INTERVAL_S = 10.0  # during an outage, one log line per this long, with a count
 MAX_AGGREGATES = 1024  # distinct refusal kinds counted per interval; beyond, they share one "other" row
 
 # The request being served (set by the transports): its id, the caller's name and the API.
@@ -51,6 +52,8 @@ class AuditLog:
         self._checkpoint_at = time.monotonic()
         self.written = 0
         self.flush_errors = 0
+        self._failing_since_log: int | None = None  # failed flushes not yet logged (None: the last one worked)
+        self._failure_logged_at = 0.0
         self.refused_full = 0  # rows refused (503) because the buffer was full
         self._thread = threading.Thread(target=self._run, name="medlego-audit", daemon=True)
         self._thread.start()
@@ -149,17 +152,31 @@ class AuditLog:
         try:
             self._head = self.index.write(lambda tx: append_rows(tx, batch))
             self.written += len(batch)
+            if self._failing_since_log is not None:
+                log.warning("audit writes work again; %d buffered rows written", len(batch))
+                self._failing_since_log = None
             with self._cond:
                 self._writing = 0
                 self._cond.notify_all()
         except Exception as e:  # the database is unreachable: keep the rows (bounded) and retry
             self.flush_errors += 1
-            log.error("audit write failed (%d rows kept for retry): %s", len(batch), e)
+            self._log_failure(len(batch), e)
             with self._cond:
                 self._buffer[:0] = batch
                 self._writing = 0  # back in the buffer: counted once, not twice while the flusher sleeps
                 self._cond.notify_all()
             time.sleep(self.settings.flush_interval_s)
+
+    def _log_failure(self, rows: int, error: Exception) -> None:
+        """The first failed flush of an outage, then one line per FAILURE_LOG_INTERVAL_S: the flusher
+        retries every flush_interval_s, and an outage must not fill the log."""
+        now = time.monotonic()
+        if self._failing_since_log is None or now - self._failure_logged_at >= FAILURE_LOG_INTERVAL_S:
+            more = f" ({self._failing_since_log + 1} failed attempts since the last line)" if self._failing_since_log else ""
+            log.error("audit write failed (%d rows kept for retry)%s: %s", rows, more, error)
+            self._failing_since_log, self._failure_logged_at = 0, now
+        else:
+            self._failing_since_log += 1
 
     def _maybe_checkpoint(self, final: bool) -> None:
         if self.signer is None or self._head is None or self._head[0] == self._checkpointed:
