@@ -79,3 +79,19 @@ def test_the_key_is_the_caller_else_the_peer_address():
         assert client_of_request() == "radiology-pacs"
 
     contextvars.Context().run(check)
+
+
+def test_grpc_peers_are_keyed_by_host_without_the_port():
+    from medlego.serving.grpc_service import peer_host
+
+    class Ctx:
+        def __init__(self, peer):
+            self._peer = peer
+
+        def peer(self):
+            return self._peer
+
+    assert peer_host(Ctx("ipv4:10.0.0.7:51234")) == "ipv4:10.0.0.7"  # two connections of one host: one turn
+    assert peer_host(Ctx("ipv6:[::1]:40000")) == "ipv6:[::1]"
+    assert peer_host(Ctx("unix:/run/medlego.sock")) == "unix:/run/medlego.sock"
+    assert peer_host(object()) == "" and peer_host(None) == ""  # Ray's proxy context, or none

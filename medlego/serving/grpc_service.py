@@ -84,6 +84,19 @@ def echo_request_id(context, rid: str) -> None:
         setter([("x-request-id", rid)])  # a list: Ray's gRPC context prepends its own list
 
 
+def peer_host(context) -> str:
+    """The caller's address without its port ("ipv4:10.0.0.7:51234" → "ipv4:10.0.0.7"), as REST's
+    peer address: the decode pool's turn-taking key for a caller without a token (fair_pool.py)."""
+    peer = getattr(context, "peer", None)
+    try:
+        address = peer() if callable(peer) else ""
+    except Exception:  # noqa: BLE001 - a context without a peer (Ray's proxy): no address, one shared turn
+        address = ""
+    if not isinstance(address, str):
+        return ""
+    return address.rsplit(":", 1)[0] if address.startswith(("ipv4:", "ipv6:")) else address
+
+
 def request_id_of(metadata) -> str:
     """The client's ``x-request-id`` metadata when valid (as REST's header), else a fresh id."""
     for key, value in metadata or ():
@@ -204,7 +217,7 @@ class RpcMethods:
     async def _answer(self, name: str, request, context):
         metadata = context.invocation_metadata() if context is not None else ()
         rid = request_id_of(metadata)
-        CURRENT.set({"id": rid, "api": "grpc"})
+        CURRENT.set({"id": rid, "api": "grpc", "client": peer_host(context)})
         echo_request_id(context, rid)
         try:
             return await getattr(self.rpc, name)(request, authorization_of(metadata))

@@ -24,7 +24,7 @@ from .kserve_repository import index_page
 from . import kserve_v2_pb2 as pb
 from . import kserve_v2_pb2_grpc as pb_grpc
 from .contract import DiagnosisAPI
-from .grpc_service import authorization_of, echo_request_id, request_id_of
+from .grpc_service import authorization_of, echo_request_id, peer_host, request_id_of
 
 log = logging.getLogger("medlego.serving")
 
@@ -82,7 +82,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _call(self, name: str, context, fn, empty):
         rid = request_id_of(context.invocation_metadata())
-        CURRENT.set({"id": rid, "api": "v2"})
+        CURRENT.set({"id": rid, "api": "v2", "client": peer_host(context)})
         echo_request_id(context, rid)
         try:
             return await fn(authorization_of(context.invocation_metadata()))

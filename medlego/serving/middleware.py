@@ -76,15 +76,15 @@ class RequestIdMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # the peer address: the decode pool's turn-taking key for a caller without a token (fair_pool.py)
+        noted = {"api": "v2" if scope.get("path", "").startswith("/v2") else "rest",
+                 "client": (scope.get("client") or ("",))[0]}
         if self.transport_id is not None:
-            rid = self.transport_id() or uuid.uuid4().hex
-            CURRENT.set({"id": rid, "api": "v2" if scope.get("path", "").startswith("/v2") else "rest"})
+            CURRENT.set({"id": self.transport_id() or uuid.uuid4().hex, **noted})
             return await self.app(scope, receive, send)
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
         rid = given if valid_request_id(given) else uuid.uuid4().hex
-        # the peer address: the decode pool's turn-taking key for a caller without a token (fair_pool.py)
-        client = (scope.get("client") or ("",))[0]
-        CURRENT.set({"id": rid, "api": "v2" if scope.get("path", "").startswith("/v2") else "rest", "client": client})
+        CURRENT.set({"id": rid, **noted})
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
