@@ -20,7 +20,9 @@ def test_bench_quick_writes_all_files(tmp_path):
     from medlego.benchmarks.bench import cpu_has_bf16
 
     paired = [g for g in r["goals"] if "paired" in g]
-    assert len(paired) == (2 if cpu_has_bf16() else 1) and "float32" not in paired[0]["what"]
+    assert len(paired) == (2 if cpu_has_bf16() else 1)
+    assert "ONNX Runtime" in paired[0]["what"] and "bfloat16" not in paired[0]["what"]  # float32 first
+    assert all("bfloat16" in g["what"] for g in paired[1:])
     for g in paired:
         assert g["paired"]["rounds"] == 2  # --quick: two interleaved rounds
         assert g["paired"]["min"] <= g["ratio"] <= g["paired"]["max"]

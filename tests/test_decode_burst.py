@@ -10,12 +10,12 @@ be measuring itself."""
 from __future__ import annotations
 
 import json
-from hashlib import sha256
 import signal
 import subprocess
 import sys
 import threading
 import time
+from hashlib import sha256
 from pathlib import Path
 
 import httpx
@@ -31,12 +31,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 PNG = encode_png(random_image(4, 32))
 SENDERS = 12  # more than the decode workers: the attacker always has tasks waiting
+ROUNDS = 2
 ATTACKER, CLINIC = "attacker-token-1", "clinic-token-2"  # two callers: the decode pool takes turns between them
 
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-ROUNDS = 2
 
 
 def hostile_files() -> dict[str, bytes]:
