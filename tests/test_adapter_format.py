@@ -86,3 +86,35 @@ def test_not_safetensors_and_pickles_refused(tmp_path):
     with pytest.raises(AdapterFormatError, match="missing metadata 'format'"):
         parse_adapter(struct.pack("<Q", len(head)) + head + b"\0\0\0\0")
     assert FORMAT == "medlego.svd-lora/1"
+
+
+def test_a_non_finite_value_is_found_in_every_dtype_and_layout(make_adapter):
+    # the one-pass check covers the data section only when it is one dtype: mixed dtypes take the per-tensor path
+    t, m = _parts(make_adapter(seed=2, rank=4))
+    for layout in ("float32", "float16", "mixed"):
+        bad = {k: (v.half() if layout == "float16" or (layout == "mixed" and k.endswith(".B")) else v.clone())
+               for k, v in t.items()}
+        bad["blocks.5.v.B"][3, 1] = float("inf")
+        with pytest.raises(AdapterFormatError, match="tensor 'blocks.5.v.B' has non-finite values"):
+            parse_adapter(_bytes(bad, m))
+
+
+def test_large_finite_values_whose_sum_overflows_are_accepted(make_adapter):
+    t, m = _parts(make_adapter(seed=3, rank=4))
+    big = {k: v.clone() for k, v in t.items()}
+    big["blocks.0.q.A"].fill_(3e38)  # finite, but their float32 sum is not: the per-tensor pass must clear it
+    assert torch.equal(parse_adapter(_bytes(big, m)).q[0].A, big["blocks.0.q.A"])
+
+
+def test_a_scratch_parse_reuses_one_buffer_and_survives_a_larger_file(make_adapter):
+    from medlego.runtime.adapter import ScratchBuffer
+
+    scratch = ScratchBuffer()
+    small, large = make_adapter(seed=4, rank=2), make_adapter(seed=5, rank=8)
+    first = parse_adapter(small.to_bytes(), scratch=scratch)
+    assert torch.equal(first.q[1].A, small.q[1].A)
+    again = parse_adapter(make_adapter(seed=6, rank=2).to_bytes(), scratch=scratch)
+    # the same memory: the first parse's views now show the second file (why the pool copies at once)
+    assert first.q[1].A.untyped_storage().data_ptr() == again.q[1].A.untyped_storage().data_ptr()
+    grown = parse_adapter(large.to_bytes(), scratch=scratch)  # a new buffer while views of the old one live
+    assert torch.equal(grown.v[3].B, large.v[3].B) and torch.equal(again.q[1].A, make_adapter(seed=6, rank=2).q[1].A)

@@ -58,3 +58,22 @@ def test_the_node_cache_scans_its_folder_only_when_it_may_be_full(tmp_path):
         cache.put(f"{i:064x}", blob)
     assert cache.size() <= 10_000 and len(scans) >= 2  # over the limit: scanned and evicted to the low-water mark
     assert RESCAN_PUTS > 12
+
+
+def test_host_copies_own_their_memory_though_parses_share_a_scratch_buffer(tiny_base, make_adapter):
+    """The pool parses every file into one reused buffer per thread; what it keeps must be copies."""
+    from medlego.runtime.pool import AdapterPool
+
+    pool = AdapterPool(tiny_base.spec, slots=2, max_rank=8)
+    # ranks that differ between matrices (the zero-padded packing), and one rank everywhere (the stacked one)
+    made = {f"{i:064x}": make_adapter(seed=i, rank=[1 + (i + j) % 8 for j in range(2 * tiny_base.depth)] if i % 2 else 4)
+            for i in range(4)}
+    hosts = {sha: pool.host(sha, lambda ad=ad: ad.to_bytes()) for sha, ad in made.items()}
+    for sha, ad in made.items():  # after every later parse reused the buffer
+        h = hosts[sha]
+        for i, q in enumerate(ad.q):
+            assert torch.equal(h.a[i, 0, :q.rank], q.A) and torch.equal(h.b[i, 0, :, :q.rank], q.B)
+            assert torch.equal(h.e[i, 0, :q.rank], q.E) and not h.e[i, 0, q.rank:].any()
+        task = h.task(None)
+        assert task == ad.tasks[0] and h.preprocess == ad.preprocess
+        assert torch.equal(h.heads[task.name][0], ad.heads[task.name].weight)

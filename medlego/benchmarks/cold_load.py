@@ -87,7 +87,7 @@ def _legacy(reg, pool, ref: str, store: Path) -> float:
     a, e, b = pack_adapter(adapter, None, pool.dtype, "cpu")
     heads = {name: (h.weight.to(pool.device, pool.dtype), h.bias.to(pool.device, pool.dtype))
              for name, h in adapter.heads.items()}
-    pool.acquire([(HostAdapter(entry.sha256, adapter, a, e, b, heads), False)])
+    pool.acquire([(HostAdapter(entry.sha256, adapter.tasks, adapter.preprocess, a, e, b, heads), False)])
     return time.perf_counter() - t0
 
 

@@ -67,14 +67,14 @@ class ResolvedAdapter:
 
     @property
     def tasks(self) -> tuple[TaskSpec, ...]:
-        return self.host.adapter.tasks
+        return self.host.tasks
 
     @property
     def preprocess(self) -> Preprocess:
-        return self.host.adapter.preprocess
+        return self.host.preprocess
 
     def task(self, name: str | None) -> TaskSpec:
-        return self.host.adapter.task(name)
+        return self.host.task(name)
 
 
 @dataclass

@@ -7,7 +7,7 @@ exact — measured cheaper than rank buckets here because the low-rank terms are
 FLOPs, so one uniform R keeps one plan and one launch per layer. A swap into a slot is a
 ``copy_``, never an allocation. Least-recently-used slots are evicted; pinned adapters never.
 
-Host tier: the parsed adapter plus its packed factors in (pinned, on CUDA) CPU memory, LRU
+Host tier: the adapter's tasks and preprocessing plus its packed factors in (pinned, on CUDA) CPU memory, LRU
 bounded. Disk tier: the registry's content-addressed files. Loading from disk happens in the
 caller's thread — the engine's own bounded loader pool (``Engine.load``), never the servers'
 decode workers — before a request is queued, so a cold adapter never stalls a batch of resident
@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .adapter import Adapter, BaseSpec, parse_adapter, truncate_rank
+from .adapter import BaseSpec, Preprocess, ScratchBuffer, TaskSpec, find_task, parse_adapter, truncate_rank
 from .counters import Counters
 from .errors import OverloadedError
 from .lora import pack_adapter
@@ -40,7 +40,9 @@ class HostAdapter:
     """An adapter ready in host memory: its value, packed factors and heads (immutable, by content)."""
 
     sha256: str
-    adapter: Adapter
+    # the adapter's metadata only: its factors are the packed copy below (the parse's tensors were scratch)
+    tasks: tuple[TaskSpec, ...]
+    preprocess: Preprocess
     a: torch.Tensor  # [L, 2, r, D] at the adapter's own max rank r (≤ the pool's R)
     e: torch.Tensor  # [L, 2, r]
     b: torch.Tensor  # [L, 2, D, r]
@@ -50,6 +52,9 @@ class HostAdapter:
     @property
     def rank(self) -> int:
         return int(self.e.shape[-1])
+
+    def task(self, name: str | None) -> TaskSpec:
+        return find_task(self.tasks, name)
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +84,8 @@ class AdapterPool:
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Event] = {}  # concurrent loads of one adapter merge into one
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # one parse buffer per loading thread: a fresh copy of each file cost more in page faults than to copy
+        self._scratch_of_thread = threading.local()
 
     # -- sizes --------------------------------------------------------------------------------
     @property
@@ -158,7 +165,9 @@ class AdapterPool:
 
     def _load(self, sha256: str, data: bytes) -> HostAdapter:
         truncate = self.over_rank == "truncate"
-        adapter = parse_adapter(data, expected_base=self.base, max_rank=None if truncate else self.max_rank)
+        # parsed into this thread's scratch buffer: its tensors live only until the packing below
+        adapter = parse_adapter(data, expected_base=self.base, max_rank=None if truncate else self.max_rank,
+                                scratch=self._scratch())
         truncation = None
         if truncate:
             adapter, truncation = truncate_rank(adapter, self.max_rank)
@@ -166,9 +175,15 @@ class AdapterPool:
         a, e, b = pack_adapter(adapter, None, self.dtype, "cpu")
         if self._stream is not None:
             a, e, b = a.pin_memory(), e.pin_memory(), b.pin_memory()
-        heads = {name: (h.weight.to(self.device, self.dtype), h.bias.to(self.device, self.dtype))
+        heads = {name: (h.weight.to(self.device, self.dtype, copy=True), h.bias.to(self.device, self.dtype, copy=True))
                  for name, h in adapter.heads.items()}
-        return HostAdapter(sha256, adapter, a, e, b, heads, truncation)
+        return HostAdapter(sha256, adapter.tasks, adapter.preprocess, a, e, b, heads, truncation)
+
+    def _scratch(self) -> ScratchBuffer:
+        buf = getattr(self._scratch_of_thread, "buf", None)
+        if buf is None:
+            buf = self._scratch_of_thread.buf = ScratchBuffer()
+        return buf
 
     # -- residency policy ------------------------------------------------------------------------
     def set_pinned(self, sha256: str, pinned: bool) -> None:
@@ -256,3 +271,4 @@ class AdapterPool:
                     "device_bytes": self.device_bytes, "bytes_per_slot": self.bytes_per_slot,
                     "host_resident": len(self._host), "host_bytes": sum(h.nbytes for h in self._host.values()),
                     "pinned": len(self._pinned)}
+
