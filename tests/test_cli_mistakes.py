@@ -195,6 +195,12 @@ def test_a_switch_interval_out_of_range_is_found_before_the_base_loads(capfd, fi
     assert out == ""
 
 
+def test_direct_ingress_without_ray_is_one_line(capfd, files):
+    rc, _, err = run(capfd, "serve", *BASE, "--weights", "no-such-base.safetensors", "--data-dir", str(files["dir"]),
+                     "--direct-ingress", "--no-grpc", "--port", "0")
+    one_line(rc, err, "serve", "--direct-ingress is a setting of the Ray deployment: add --ray")
+
+
 def test_a_grpc_port_in_use(capfd, files):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -338,13 +338,14 @@ def run_ray(args, replicas: int, weights, data, images_dir, names, plans, expect
     cpus = os.cpu_count() or 2
     # one replica gets what the embedded engine gets; several split the cores
     shape = ReplicaShape(replicas=replicas, cpus=cpus / replicas, torch_threads=max(1, args.torch_threads // replicas))
-    label = f"Ray Serve ({replicas} replica{'s' if replicas > 1 else ''}, {cpus} cores)"
+    label = (f"Ray Serve ({replicas} replica{'s' if replicas > 1 else ''}, {cpus} cores"
+             + (", direct ingress)" if args.ray_direct_ingress else ")"))
     # Ray's own processes use CPU even when idle, so the in-process engine is measured with Ray down:
     # right before it starts and right after it stops
     _, before = reference.run()
     floor = reference.batch_ms(args.light_concurrency)
     try:
-        start_local(cfg, shape, num_cpus=cpus, grpc=False)
+        start_local(cfg, shape, num_cpus=cpus, grpc=False, direct_ingress=args.ray_direct_ingress)
         url = f"http://127.0.0.1:{cfg.server.port}"
         _warm(url, names, images_dir)
         rounds, light = measured_rounds(label, url, args, plans[0], plans[1], images_dir, expected[0], expected[1],
@@ -492,6 +493,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--omp-wait-policy", choices=["passive", "active", "unset"], default="unset",
                    help="OMP_WAIT_POLICY of this process and Ray's (set before torch loads OpenMP)")
     p.add_argument("--modes", default="embedded,ray")
+    p.add_argument("--ray-direct-ingress", action="store_true",
+                   help="Ray mode: the ingress replica serves the port itself (serving/ray_app.direct_ingress_env)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="", help="what this run is (shown when a later run compares with it)")
     p.add_argument("--baseline", action="append", default=[], type=Path, metavar="JSON",

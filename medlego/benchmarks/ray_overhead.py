@@ -16,7 +16,8 @@ model is nearly free and once at the real size.
 Each runs ``load_bench`` (embedded, then Ray with one replica; every answer checked against the
 in-process engine) with the settings below; the hops inside Ray come from the answers' own timings:
 ``proxy → ingress`` = client latency − ``ingress_total``, ``ingress → replica`` = ``ingress_total``
-− the replica's ``total``. The machine may be shared: the 1-minute load average is recorded beside
+− the replica's ``total``. ``--direct-ingress``: the ingress serves the port itself (no proxy hop; the
+first column is then the client's HTTP to the ingress). The machine may be shared: the 1-minute load average is recorded beside
 every number. Results: ``ray_overhead.{json,md}`` under ``--out``; with ``--label`` (e.g. ``before``
 and ``after`` a change, each run from its own checkout) the runs of other labels already in the file
 are kept, so one table compares them.
@@ -42,10 +43,11 @@ SIZES = {
 GOALS = {"fixed_cost_ms": 5.0, "throughput_ratio": 0.85}
 
 
-def run_size(size: str, rounds: int, work: Path) -> dict:
+def run_size(size: str, rounds: int, work: Path, direct_ingress: bool = False) -> dict:
     """load_bench for one size: its report (embedded + Ray 1 replica), written under `work`."""
     argv = ["--model", "vit_tiny_patch16_224", *SIZES[size], "--rounds", str(rounds), "--modes", "embedded,ray",
-            "--replicas", "1", "--label", f"ray_overhead {size}", "--out", str(work / f"load_bench_{size}")]
+            "--replicas", "1", "--label", f"ray_overhead {size}", "--out", str(work / f"load_bench_{size}"),
+            *(["--ray-direct-ingress"] if direct_ingress else [])]
     load_bench.main(argv)
     report = json.loads((work / f"load_bench_{size}.json").read_text())
     report["argv"] = argv
@@ -133,13 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="tiny,224", help="which of: " + ", ".join(SIZES))
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=None, help=OUT_HELP)
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="Ray's ingress serves the port itself, without the HTTP proxy (serve --ray --direct-ingress)")
     p.add_argument("--label", default="current",
                    help="this run's name in the results; runs of other labels already there are kept")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else results_dir()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="medlego-ray-overhead-") as tmp:  # load_bench's own files: not kept
-        rows = [summarize(size, run_size(size, args.rounds, Path(tmp))) for size in args.sizes.split(",")]
+        rows = [summarize(size, run_size(size, args.rounds, Path(tmp), args.direct_ingress))
+                for size in args.sizes.split(",")]
     command = shlex.join(["python", "-m", "medlego.benchmarks.ray_overhead", *(argv if argv is not None else sys.argv[1:])])
     table = merge_runs(out / "ray_overhead.json", args.label, rows)
     (out / "ray_overhead.json").write_text(json.dumps({"goals": GOALS, "sizes": table, "command": command}, indent=1))

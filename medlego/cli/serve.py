@@ -45,6 +45,12 @@ def register(sub) -> None:
                    help=f"queued requests before 503 ([batching] max_queue; default {BatchingConfig.max_queue})")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
                    help="server log level (default info)")
+    _add_dicom_args(p)
+    _add_ray_args(p)
+    p.set_defaults(func=_run)
+
+
+def _add_dicom_args(p) -> None:
     d = p.add_argument_group("DICOM doors (docs/dicom.md; pip install \"medlego[dicom]\")")
     d.add_argument("--dicom-rules", metavar="FILE",
                    help="routing rules, destinations and DIMSE settings (TOML): opens POST /dicom-web/studies "
@@ -53,8 +59,15 @@ def register(sub) -> None:
                    help="C-STORE SCP port (default: [dimse] port of the rules file; neither: no DIMSE door)")
     d.add_argument("--dicom-ae-title", metavar="AE",
                    help="this server's AE title (default: [dimse] ae_title of the rules file, else MEDLEGO)")
+
+
+def _add_ray_args(p) -> None:
     r = p.add_argument_group("Ray Serve")
     r.add_argument("--ray", action="store_true", help="start a local Ray cluster and deploy with Ray Serve")
+    r.add_argument("--direct-ingress", action="store_true",
+                   help="the Ray ingress listens on --port/--grpc-port itself, without Ray's proxy hop (--ray, a "
+                        "cluster this command starts; about half of Ray's fixed cost per request; a redeploy of "
+                        "the ingress refuses connections for a moment)")
     r.add_argument("--replicas", type=int, default=None, help="engine replicas, a fixed count (--ray; default 1)")
     r.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas (--ray; default 1)")
     r.add_argument("--max-replicas", type=int, help="autoscaling's upper bound (--ray; default: --min-replicas)")
@@ -67,7 +80,6 @@ def register(sub) -> None:
     r.add_argument("--address", metavar="HEAD:PORT",
                    help="deploy on a running Ray cluster (`ray start --head`; 'auto': the one on this node) instead "
                         "of starting one (--ray; default: RAY_ADDRESS if set); Ctrl-C removes the app, not the cluster")
-    p.set_defaults(func=_run)
 
 
 def config_from_args(args):
@@ -100,6 +112,10 @@ def _run(args) -> int:
 
     from .checks import check_device, check_port_free
 
+    if args.direct_ingress and not args.ray:
+        from medlego.runtime.errors import BadInputError
+
+        raise BadInputError("--direct-ingress is a setting of the Ray deployment: add --ray")
     cfg = config_from_args(args)
     srv = cfg.server
     check_device(cfg.engine.device)
@@ -196,7 +212,8 @@ def _run_ray(cfg, args) -> int:
     where = f"joining the Ray cluster at {args.address}" if args.address else "starting a local Ray cluster"
     print(f"{where} and deploying {count} replica(s)…", flush=True)
     try:
-        start_local(cfg, shape, num_cpus=args.num_cpus, grpc=srv.grpc, address=args.address)
+        start_local(cfg, shape, num_cpus=args.num_cpus, grpc=srv.grpc, address=args.address,
+                    direct_ingress=args.direct_ingress)
         print(f"medlego on Ray Serve: REST http://{srv.host}:{srv.port}"
               + (f", gRPC {srv.host}:{srv.grpc_port}" if srv.grpc else "") + "; Ctrl-C stops", flush=True)
         while True:

@@ -142,14 +142,64 @@ def app_builder(args: dict):
     return build_app(cfg, _shape_from_args(args))
 
 
-def deploy(app, server: ServerConfig, *, grpc: bool = True):
-    """Start Serve's HTTP (and gRPC) proxy on the connected Ray cluster and deploy `app`; returns its handle."""
+def deploy(app, server: ServerConfig, *, grpc: bool = True, direct_ingress: bool = False):
+    """Start Serve's HTTP (and gRPC) proxy on the connected Ray cluster and deploy `app`; returns its handle.
+
+    `direct_ingress`: the cluster runs with :func:`direct_ingress_env`, so the ingress replica itself
+    listens on the server's ports; Ray still starts its proxies, which get unused ports of their own."""
+    http_port, grpc_port = server.port, server.grpc_port
+    if direct_ingress:
+        http_port, grpc_port = _unused_port(server.host), _unused_port(server.host)
     grpc_options = None
     if grpc:
-        grpc_options = {"port": server.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER, GRPC_SERVICER_V2]}
-    serve.start(proxy_location="HeadOnly", http_options={"host": server.host, "port": server.port},
+        grpc_options = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER, GRPC_SERVICER_V2]}
+    serve.start(proxy_location="HeadOnly", http_options={"host": server.host, "port": http_port},
                 grpc_options=grpc_options)
-    return serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    handle = serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    if direct_ingress:
+        _wait_listening(server.host, server.port)
+    return handle
+
+
+def direct_ingress_env(server: ServerConfig) -> dict[str, str]:
+    """The environment of a Ray cluster whose ingress replica serves the server's ports itself (Ray
+    Serve's direct ingress, a feature flag of Ray 2.60): one hop less per request, HTTP proxy → ingress
+    (Ray's fixed cost at light load measured 10.9 → 5.4 ms, ``benchmarks/results/ray_overhead.md``).
+    Ray gives each ingress replica a port of a range; the range here is exactly the configured port
+    (``[port, port + 1)``), so an ingress that is redeployed waits for its predecessor to let it go:
+    clients see refused connections for that moment (the default, proxied path redeploys without)."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(server.port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(server.port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(server.grpc_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(server.grpc_port + 1),
+            # how long a stopping ingress keeps its port for a load balancer to notice (Ray's default: 30 s)
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def _unused_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(host: str, port: int, timeout_s: float = 60.0) -> None:
+    """Until the ingress accepts on `port` (its direct-ingress server starts as the replica starts)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BadInputError(f"the Ray ingress did not listen on {host}:{port} (direct ingress) within "
+                                    f"{timeout_s:.0f} s; is the port taken?") from None
+            time.sleep(0.2)
 
 
 # Ray Serve's defaults suit nodes with many cores; on one small machine each costs the engine CPU
@@ -160,16 +210,20 @@ LOCAL_SERVE_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",  # 10 passes a second by default: ~6% of a core, busy or idle
 }
 LOCAL_SYSTEM_CONFIG = {"max_direct_call_object_size": 1 << 20}  # an image goes inline with its call, not via plasma
+_ENV_SET_HERE: dict[str, str] = {}  # what start_local put in this process's environment for one cluster
 
 
 def start_local(cfg: ServeConfig, shape: ReplicaShape | None = None, *, num_cpus: int | None = None,
-                grpc: bool = True, include_dashboard: bool = False, address: str | None = None):
+                grpc: bool = True, include_dashboard: bool = False, address: str | None = None,
+                direct_ingress: bool = False):
     """Start a local Ray cluster (unless connected to one), Serve's proxies, and deploy; returns the app handle.
 
     A cluster started here gets :data:`LOCAL_SERVE_ENV` (where not set already) and
     :data:`LOCAL_SYSTEM_CONFIG`; an existing cluster keeps its own settings. `address` (``HEAD:6379``,
     or ``auto``; default: ``RAY_ADDRESS`` if set) joins a running cluster (``ray start --head``) instead:
-    its resources and settings are its own, so `num_cpus` must not be given then."""
+    its resources and settings are its own, so `num_cpus` must not be given then. `direct_ingress`:
+    the cluster started here gets :func:`direct_ingress_env` too (a running cluster needs it at
+    ``ray start``, so it is refused with `address`)."""
     import os
 
     import ray
@@ -178,16 +232,24 @@ def start_local(cfg: ServeConfig, shape: ReplicaShape | None = None, *, num_cpus
     if address and not ray.is_initialized():
         if num_cpus is not None:
             raise BadInputError("a running Ray cluster has its own CPUs: leave out --num-cpus with --address")
+        if direct_ingress:
+            raise BadInputError("direct ingress is set when a Ray cluster starts: start yours with the environment "
+                                "of medlego.serving.ray_app.direct_ingress_env (docs/fleet.md), or leave out --address")
         ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
     if not ray.is_initialized():
         for key, value in LOCAL_SERVE_ENV.items():
             os.environ.setdefault(key, value)  # read by Ray's processes, which inherit this environment
+        if direct_ingress:
+            _ENV_SET_HERE.update(direct_ingress_env(cfg.server))
+            os.environ.update(_ENV_SET_HERE)
         ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, log_to_driver=False,
                  configure_logging=True, logging_level=logging.WARNING, _system_config=LOCAL_SYSTEM_CONFIG)
-    return deploy(build_app(cfg, shape), cfg.server, grpc=grpc)
+    return deploy(build_app(cfg, shape), cfg.server, grpc=grpc, direct_ingress=direct_ingress)
 
 
 def stop_local() -> None:
+    import os
+
     import ray
 
     try:
@@ -195,3 +257,6 @@ def stop_local() -> None:
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        for key in _ENV_SET_HERE:  # a next cluster started by this process starts without them
+            os.environ.pop(key, None)
+        _ENV_SET_HERE.clear()
