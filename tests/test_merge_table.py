@@ -58,3 +58,23 @@ def test_saved_specialists_are_reused_only_for_the_same_recipe(table):
     assert same[t].provenance == load_adapter(root / "spec" / f"{t}.safetensors").provenance
     _, info = merge_table.train_specialists(base, data, lr=2e-3, **kw)  # another recipe: retrained (and overwritten)
     assert "retraining" in logs[-2] and info[t]["history"] is not None
+
+
+def test_a_saved_specialist_of_another_base_is_retrained(table, other_base_file, tmp_path):
+    """After the base is rebuilt (pretrain_base's new recipe), a specialist file of the old base is trained over,
+    not an error (merge_table_seeds and figure2_seeds keep their specialists in one directory across bases)."""
+    import shutil
+
+    from medlego.jobs.datasets import load_dataset
+    from medlego.runtime.base import load_base
+
+    root, base, _ = table
+    t = merge_tasks.TASKS[1].name
+    shutil.copy(root / "spec" / f"{t}.safetensors", tmp_path / f"{t}.safetensors")  # made on the session's base
+    other = load_base("vit_tiny_patch16_224", other_base_file)
+    data = {t: load_dataset(root / f"{t}.npz", input_size=other.input_size, seed=5)}
+    logs = []
+    _, info = merge_table.train_specialists(other, data, epochs=1, lr=1e-3, batch_size=8, seed=5, warmup=1,
+                                            save_dir=tmp_path, offsets={t: 1}, log=logs.append)
+    assert "retraining" in logs[0] and info[t]["history"] is not None
+    assert load_adapter(tmp_path / f"{t}.safetensors", expected_base=other.spec).base.fingerprint == other.spec.fingerprint

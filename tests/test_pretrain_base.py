@@ -38,8 +38,11 @@ def test_corpus_is_seeded_and_disjoint_from_the_merge_tasks():
     a = pretrain_base.corpus_batch(np.random.default_rng(3), 4)
     b = pretrain_base.corpus_batch(np.random.default_rng(3), 4)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert a[0].shape == (4, 3, 48, 48) and int(a[1].max()) < len(pretrain_base.TEXTURES)
-    assert not set(pretrain_base.MARKERS) & {t.marker for t in merge_tasks.TASKS}
+    assert len(a) == 3 and a[0].shape == (4, 3, 48, 48) and int(a[1].max()) < len(pretrain_base.TEXTURES)
+    for label, cells in zip(a[1], a[2]):  # the label is the dominant cell class (4–6 of 9 cells), no marked cell
+        counts = torch.bincount(cells, minlength=len(pretrain_base.TEXTURES))
+        assert int(counts.argmax()) == int(label) and 4 <= int(counts.max()) <= 6 and int(counts.sort().values[-2]) <= 1
+    assert not pretrain_base.MARKERS and not set(pretrain_base.MARKERS) & {t.marker for t in merge_tasks.TASKS}
 
 
 def test_missing_base_is_rebuilt(tmp_path):

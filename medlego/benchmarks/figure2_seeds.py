@@ -7,7 +7,7 @@ Med-LEGO capped at r = 4, PEM) fine-tunes the new task ``lesion-texture`` from s
 varies the sources, the merged start and the fine-tuning alike; the base and the data do not.
 
     python -m medlego.benchmarks.figure2_seeds --base medlego-results/pretrain_base.safetensors \\
-        --specialists medlego-results/specialists --source-epochs 4 --out benchmarks/results
+        --specialists medlego-results/specialists --out benchmarks/results
 
 Writes figure2_pretrained.{json,md,png} (after every seed, so a stopped run keeps the seeds it finished).
 """
@@ -30,6 +30,7 @@ from medlego.runtime.base import load_base
 from . import figure2, merge_tasks
 from . import merge_table as mt
 from .common import OUT_HELP, hardware, results_dir, write_json
+from . import merge_table_seeds as mts
 from .merge_table_seeds import make_data
 from .pretrain_base import default_weights_path, ensure_base
 
@@ -116,14 +117,14 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--seeds", default="0,4,8")
     p.add_argument("--specialists", type=Path, metavar="DIR", help="merge_table_seeds' DIR (its seed<s>/ files)")
-    p.add_argument("--source-epochs", type=int, default=4)
-    p.add_argument("--source-train-images", type=int, default=1200)
-    p.add_argument("--val-images", type=int, default=150)
-    p.add_argument("--test-images", type=int, default=300)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lr", type=float, default=mt.LR)
+    p.add_argument("--source-epochs", type=int, default=mts.EPOCHS, help="the sources' recipe: merge_table_seeds' (so its files are reused)")
+    p.add_argument("--source-train-images", type=int, default=mts.TRAIN_IMAGES)
+    p.add_argument("--val-images", type=int, default=mts.VAL_IMAGES)
+    p.add_argument("--test-images", type=int, default=mts.TEST_IMAGES)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=mts.LR, help="the sources' and the new task's learning rate")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--train-images", type=int, default=600, help="new task: training images")
+    p.add_argument("--train-images", type=int, default=400, help="new task: training images")
     p.add_argument("--threads", type=int, help="torch threads (default: min(2, cores))")
     p.add_argument("--out", default=None, metavar="DIR", help=OUT_HELP)
     a = p.parse_args(argv)

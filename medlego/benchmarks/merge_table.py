@@ -40,6 +40,7 @@ from medlego.runtime.adapter import Adapter, load_adapter, save_adapter, sha256_
 from medlego.runtime.adapter_merge import METHODS, defaults, merge_adapters, method
 from medlego.runtime.base import init_weights_file, load_base
 from medlego.runtime.convert import zero_lowrank
+from medlego.runtime.errors import IncompatibleAdapterError
 from medlego.runtime.model import AdaptedViT
 
 from . import merge_tasks
@@ -75,7 +76,8 @@ def train_specialists(base, data: dict, *, epochs: int, lr: float, batch_size: i
     """One adapter per task, task from seed + offsets[task] (default: its index; distinct seeds: distinct LoRA
     subspaces). With ``save_dir`` each is written to ``save_dir/<task>.safetensors`` (figure2.py's ``--sources``
     reuses them), and a file already there is reused instead of retrained when its provenance shows the same
-    recipe (every training hyper-parameter, seed included), the same dataset (sha256) and the same base."""
+    recipe (every training hyper-parameter, seed included), the same dataset (sha256) and the same base (a file made
+    on another base is retrained over, not an error)."""
     adapters, info = {}, {}
     for i, (task, d) in enumerate(data.items()):
         t0 = time.perf_counter()
@@ -84,8 +86,11 @@ def train_specialists(base, data: dict, *, epochs: int, lr: float, batch_size: i
                           warmup_steps=warmup, progress=False)
         path = Path(save_dir) / f"{task}.safetensors" if save_dir is not None else None
         if path is not None and path.exists():
-            saved = load_adapter(path, expected_base=base.spec)
-            if _matches(saved, cfg, d):
+            try:
+                saved = load_adapter(path, expected_base=base.spec)
+            except IncompatibleAdapterError:  # made on another base (e.g. before the base was rebuilt): retrain
+                saved = None
+            if saved is not None and _matches(saved, cfg, d):
                 adapters[task] = saved
                 info[task] = {"seed": s, "seconds": None, "best_epoch": saved.provenance["best_epoch"],
                               "val_accuracy": saved.provenance["val"]["accuracy"], "history": None,
