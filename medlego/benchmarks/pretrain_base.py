@@ -44,7 +44,6 @@ from . import merge_tasks
 from .common import OUT_HELP, hardware, results_dir, write_json
 
 CELL, GRID, SIZE = merge_tasks.CELL, merge_tasks.GRID, merge_tasks.SIZE
-MARKERS: tuple[str, ...] = ()  # the corpus draws no marker (the earlier one drew disc, triangle, x, bar, corner)
 _yy, _xx = np.mgrid[0:CELL, 0:CELL].astype(np.float64)
 
 
@@ -205,8 +204,7 @@ def build(weights: Path, recipe: Recipe, *, log=print) -> dict:
     for t, p in probes.items():
         log(f"probe {t}: test {p['test_accuracy']:.3f} (chance {p['chance']:.3f})")
     return {"weights": str(weights), "sha256": sha256_hex(blob), "fingerprint": fingerprint, "recipe": asdict(recipe), "input_size": SIZE,
-            "corpus": {"textures": [list(t) for t in TEXTURES], "markers": list(MARKERS),
-                       "images_seen": recipe.steps * recipe.batch_size},
+            "corpus": {"textures": [list(t) for t in TEXTURES], "images_seen": recipe.steps * recipe.batch_size},
             "history": history, "probes": probes, "train_seconds": train_seconds,
             "seconds": time.perf_counter() - t0, "started": started, "load_average": {"start": load0, "end": os.getloadavg()},
             "hardware": hardware()}
@@ -236,8 +234,8 @@ def to_markdown(r: dict) -> str:
              "loss (each patch token names its own cell's texture).", "",
              f"Corpus: 3 × 3 mosaics of {len(r['corpus']['textures'])} texture classes (square-wave stripes at 6 "
              "orientations × 2 frequencies, checkerboards, dot lattices, rings, spokes, blurred noise, flat), 4–6 cells of "
-             "the dominant class and distinct other classes elsewhere; no marker and no marked cell (markers: "
-             f"{', '.join(r['corpus']['markers']) or 'none'}), no merge-task or Figure-2 class or texture generator.", "",
+             "the dominant class and distinct other classes elsewhere; no marker and no marked cell, no merge-task or "
+             "Figure-2 class or texture generator.", "",
              f"Weights: `{Path(r['weights']).name}` (not committed; rebuilt by this script or by `--base FILE` when "
              f"missing), sha256 `{r['sha256']}`; tensor fingerprint `{r.get('fingerprint', '?')}` (the same for every "
              "rebuild: safetensors writes the header's metadata in hash order, so the file's bytes, hence its sha256, "

@@ -37,7 +37,7 @@ from .lora import pack_adapter
 
 @dataclass(frozen=True)
 class HostAdapter:
-    """An adapter ready in host memory: its value, packed factors and heads (immutable, by content)."""
+    """An adapter ready in host memory: its tasks and preprocessing, packed factors and heads (immutable, by content)."""
 
     sha256: str
     # the adapter's metadata only: its factors are the packed copy below (the parse's tensors were scratch)
@@ -271,4 +271,3 @@ class AdapterPool:
                     "device_bytes": self.device_bytes, "bytes_per_slot": self.bytes_per_slot,
                     "host_resident": len(self._host), "host_bytes": sum(h.nbytes for h in self._host.values()),
                     "pinned": len(self._pinned)}
-

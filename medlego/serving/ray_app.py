@@ -164,7 +164,8 @@ def deploy(app, server: ServerConfig, *, grpc: bool = True, direct_ingress: bool
 def direct_ingress_env(server: ServerConfig) -> dict[str, str]:
     """The environment of a Ray cluster whose ingress replica serves the server's ports itself (Ray
     Serve's direct ingress, a feature flag of Ray 2.60): one hop less per request, HTTP proxy → ingress
-    (Ray's fixed cost at light load measured 10.9 → 5.4 ms, ``benchmarks/results/ray_overhead.md``).
+    (Ray's fixed cost at light load 17.3 ms through the proxy, 6.9 and 6.2 ms direct, in one noisy session:
+    ``benchmarks/results/ray_overhead.md``).
     Ray gives each ingress replica a port of a range; the range here is exactly the configured port
     (``[port, port + 1)``), so an ingress that is redeployed waits for its predecessor to let it go:
     clients see refused connections for that moment (the default, proxied path redeploys without)."""
@@ -236,6 +237,10 @@ def start_local(cfg: ServeConfig, shape: ReplicaShape | None = None, *, num_cpus
             raise BadInputError("direct ingress is set when a Ray cluster starts: start yours with the environment "
                                 "of medlego.serving.ray_app.direct_ingress_env (docs/fleet.md), or leave out --address")
         ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+    if direct_ingress and ray.is_initialized() and not _ENV_SET_HERE:
+        # a cluster this process started or joined before, without the direct-ingress environment
+        raise BadInputError("direct ingress is set when a Ray cluster starts: this process is already connected "
+                            "to one started without it (stop_local first)")
     if not ray.is_initialized():
         for key, value in LOCAL_SERVE_ENV.items():
             os.environ.setdefault(key, value)  # read by Ray's processes, which inherit this environment
