@@ -1,6 +1,7 @@
 """Ray Serve with direct ingress (`medlego serve --ray --direct-ingress`): the ingress replica serves
 the configured REST and gRPC ports itself, while Ray's proxies sit on ports of their own; answers
-equal the in-process engine's and carry the request id over both transports."""
+equal the in-process engine's and carry the request id over both transports, for an image sent to
+its replica by value and for one too large for that (sent by reference)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,17 @@ def test_the_ingress_serves_the_ports_itself_and_answers_like_the_engine(tmp_pat
     cfg.server.port, cfg.server.grpc_port = free_port(), free_port()
     cfg.batching.max_wait_ms = 2
     png = encode_png(random_image(5, 32))
+    # over the replica's gRPC message bound (4 MiB): it must go by reference
+    large = encode_png(random_image(6, 1400))
+    assert len(large) > 4 << 20
     base = load_base(TINY_MODEL, tiny_base_file)
     engine = Engine(base, Registry(tmp_path, base=base.spec), EngineConfig(slots=2))
-    expected = engine.infer(preprocess(decode_image(png), tiny_base.preprocess).unsqueeze(0), ["direct"])[0]
+
+    def expected(image: bytes) -> dict:
+        answer = engine.infer(preprocess(decode_image(image), tiny_base.preprocess).unsqueeze(0), ["direct"])[0]
+        assert answer.probabilities is not None
+        return answer.probabilities
+
     try:
         start_local(cfg, ReplicaShape(replicas=1, cpus=0.5, torch_threads=1), num_cpus=2, direct_ingress=True)
         assert not {cfg.server.port, cfg.server.grpc_port} & _proxy_ports()  # so only the ingress can answer there
@@ -61,9 +70,12 @@ def test_the_ingress_serves_the_ports_itself_and_answers_like_the_engine(tmp_pat
             body = r.json()
             assert body["adapter"] == "direct" and r.headers["x-request-id"] == "direct-1"
             assert "ingress_total" in body["timings_ms"]  # answered through the ingress, by a replica
-            assert expected.probabilities is not None
-            for label, p in expected.probabilities.items():
+            for label, p in expected(png).items():
                 assert body["probabilities"][label] == pytest.approx(p, abs=1e-5)
+            r = c.post("/v1/diagnose", files={"file": ("big.png", large)}, data={"adapter": "direct"})
+            assert r.status_code == 200, r.text
+            for label, p in expected(large).items():
+                assert r.json()["probabilities"][label] == pytest.approx(p, abs=1e-5)
             assert c.post("/v1/diagnose", files={"file": ("x.png", png)}, data={"adapter": "nope"}).status_code == 404
         with grpc.insecure_channel(f"127.0.0.1:{cfg.server.grpc_port}") as ch:
             answer = pb_grpc.MedlegoStub(ch).Diagnose(pb.DiagnoseRequest(adapter="direct", image=png), timeout=60)

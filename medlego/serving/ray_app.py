@@ -164,8 +164,8 @@ def deploy(app, server: ServerConfig, *, grpc: bool = True, direct_ingress: bool
 def direct_ingress_env(server: ServerConfig) -> dict[str, str]:
     """The environment of a Ray cluster whose ingress replica serves the server's ports itself (Ray
     Serve's direct ingress, a feature flag of Ray 2.60): one hop less per request, HTTP proxy → ingress
-    (Ray's fixed cost at light load 17.3 ms through the proxy, 6.9 and 6.2 ms direct, in one noisy session:
-    ``benchmarks/results/ray_overhead.md``).
+    (Ray's fixed cost at light load 11.7 ms through the proxy, 3.2 ms direct, with the ingress → replica
+    call by value, in one session: ``benchmarks/results/ray_overhead.md``).
     Ray gives each ingress replica a port of a range; the range here is exactly the configured port
     (``[port, port + 1)``), so an ingress that is redeployed waits for its predecessor to let it go:
     clients see refused connections for that moment (the default, proxied path redeploys without)."""
@@ -210,7 +210,9 @@ LOCAL_SERVE_ENV = {
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # the same for the handles' router
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",  # 10 passes a second by default: ~6% of a core, busy or idle
 }
-LOCAL_SYSTEM_CONFIG = {"max_direct_call_object_size": 1 << 20}  # an image goes inline with its call, not via plasma
+# what still goes as an actor call (admin calls; a diagnosis too large to go by value, ray_frontend.py) carries
+# arguments up to 1 MiB inline (Ray's default: 100 KB), not via the object store
+LOCAL_SYSTEM_CONFIG = {"max_direct_call_object_size": 1 << 20}
 _ENV_SET_HERE: dict[str, str] = {}  # what start_local put in this process's environment for one cluster
 
 

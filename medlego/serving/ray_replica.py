@@ -100,7 +100,8 @@ class _Held:
         self.held.discard(self.model_id)
 
 
-@serve.deployment(name="MedlegoReplica", max_ongoing_requests=512, ray_actor_options={"num_cpus": 1})
+@serve.deployment(name="MedlegoReplica", max_ongoing_requests=512, ray_actor_options={"num_cpus": 1},
+                  logging_config={"enable_access_log": False})
 class MedlegoReplica:
     def __init__(self, config: dict, torch_threads: int | None = None):
         import os
