@@ -106,15 +106,28 @@ def test_large_finite_values_whose_sum_overflows_are_accepted(make_adapter):
     assert torch.equal(parse_adapter(_bytes(big, m)).q[0].A, big["blocks.0.q.A"])
 
 
-def test_a_scratch_parse_reuses_one_buffer_and_survives_a_larger_file(make_adapter):
-    from medlego.runtime.adapter import ScratchBuffer
+def test_a_borrowed_parse_views_the_file_and_a_plain_parse_owns_a_copy(make_adapter):
+    made = make_adapter(seed=4, rank=2)
+    data = bytearray(made.to_bytes())
+    lent, owned = parse_adapter(data, borrow=True), parse_adapter(data)
+    assert torch.equal(parse_adapter(made.to_bytes(), borrow=True).q[1].A, made.q[1].A)  # immutable bytes too
+    data[8 + int.from_bytes(data[:8], "little"):] = bytes(len(data) - 8 - int.from_bytes(data[:8], "little"))
+    assert not any(m.A.any() or m.B.any() or m.E.any() for m in lent.q + lent.v)  # views: no copy was made
+    assert all(torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and torch.equal(a.E, b.E)
+               for a, b in zip(owned.q + owned.v, made.q + made.v))
 
-    scratch = ScratchBuffer()
-    small, large = make_adapter(seed=4, rank=2), make_adapter(seed=5, rank=8)
-    first = parse_adapter(small.to_bytes(), scratch=scratch)
-    assert torch.equal(first.q[1].A, small.q[1].A)
-    again = parse_adapter(make_adapter(seed=6, rank=2).to_bytes(), scratch=scratch)
-    # the same memory: the first parse's views now show the second file (why the pool copies at once)
-    assert first.q[1].A.untyped_storage().data_ptr() == again.q[1].A.untyped_storage().data_ptr()
-    grown = parse_adapter(large.to_bytes(), scratch=scratch)  # a new buffer while views of the old one live
-    assert torch.equal(grown.v[3].B, large.v[3].B) and torch.equal(again.q[1].A, make_adapter(seed=6, rank=2).q[1].A)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("shape", [4.0, 192]), ("shape", ["4", 192]), ("shape", [True, 192]), ("shape", 4), ("shape", [-4, 192]),
+    ("data_offsets", ["0", "3072"]), ("data_offsets", [0]), ("dtype", "F8"),
+])
+def test_a_header_entry_that_is_not_json_integers_is_refused_in_one_line(make_adapter, field, value):
+    data = make_adapter(seed=2, rank=4).to_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["blocks.0.q.A"][field] = value
+    raw = json.dumps(header).encode()
+    with pytest.raises(AdapterFormatError, match="corrupt safetensors payload: .*'blocks.0.q.A'") as e:
+        parse_adapter(struct.pack("<Q", len(raw)) + raw + data[8 + n:], borrow=True)
+    assert "\n" not in str(e.value)

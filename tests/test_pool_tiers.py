@@ -60,16 +60,19 @@ def test_the_node_cache_scans_its_folder_only_when_it_may_be_full(tmp_path):
     assert RESCAN_PUTS > 12
 
 
-def test_host_copies_own_their_memory_though_parses_share_a_scratch_buffer(tiny_base, make_adapter):
-    """The pool parses every file into one reused buffer per thread; what it keeps must be copies."""
+def test_host_copies_own_their_memory_though_parses_borrow_the_file_bytes(tiny_base, make_adapter):
+    """The pool parses every file as views of its bytes; what it keeps must be copies, not those views."""
     from medlego.runtime.pool import AdapterPool
 
     pool = AdapterPool(tiny_base.spec, slots=2, max_rank=8)
     # ranks that differ between matrices (the zero-padded packing), and one rank everywhere (the stacked one)
     made = {f"{i:064x}": make_adapter(seed=i, rank=[1 + (i + j) % 8 for j in range(2 * tiny_base.depth)] if i % 2 else 4)
             for i in range(4)}
-    hosts = {sha: pool.host(sha, lambda ad=ad: ad.to_bytes()) for sha, ad in made.items()}
-    for sha, ad in made.items():  # after every later parse reused the buffer
+    files = {sha: bytearray(ad.to_bytes()) for sha, ad in made.items()}  # writable, to be overwritten below
+    hosts = {sha: pool.host(sha, lambda sha=sha: files[sha]) for sha in made}
+    for data in files.values():  # a host copy still viewing its file's bytes would change with them
+        data[8 + int.from_bytes(data[:8], "little"):] = bytes(len(data) - 8 - int.from_bytes(data[:8], "little"))
+    for sha, ad in made.items():
         h = hosts[sha]
         for i, q in enumerate(ad.q):
             assert torch.equal(h.a[i, 0, :q.rank], q.A) and torch.equal(h.b[i, 0, :, :q.rank], q.B)

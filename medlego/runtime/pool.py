@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .adapter import BaseSpec, Preprocess, ScratchBuffer, TaskSpec, find_task, parse_adapter, truncate_rank
+from .adapter import BaseSpec, Preprocess, TaskSpec, find_task, parse_adapter, truncate_rank
 from .counters import Counters
 from .errors import OverloadedError
 from .lora import pack_adapter
@@ -40,7 +40,7 @@ class HostAdapter:
     """An adapter ready in host memory: its tasks and preprocessing, packed factors and heads (immutable, by content)."""
 
     sha256: str
-    # the adapter's metadata only: its factors are the packed copy below (the parse's tensors were scratch)
+    # the adapter's metadata only: its factors are the packed copy below (the parse's tensors were views of the file)
     tasks: tuple[TaskSpec, ...]
     preprocess: Preprocess
     a: torch.Tensor  # [L, 2, r, D] at the adapter's own max rank r (≤ the pool's R)
@@ -84,8 +84,6 @@ class AdapterPool:
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Event] = {}  # concurrent loads of one adapter merge into one
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # one parse buffer per loading thread: a fresh copy of each file cost more in page faults than to copy
-        self._scratch_of_thread = threading.local()
 
     # -- sizes --------------------------------------------------------------------------------
     @property
@@ -124,7 +122,7 @@ class AdapterPool:
             self.counters.inc("pool_hits", tier="host")
         return h
 
-    def host(self, sha256: str, read: Callable[[], bytes]) -> HostAdapter:
+    def host(self, sha256: str, read: Callable[[], bytes | bytearray]) -> HostAdapter:
         """The host copy of an adapter, loaded with ``read()`` (its verified file bytes) if absent (thread-safe)."""
         while True:
             with self._lock:
@@ -163,11 +161,11 @@ class AdapterPool:
             del self._host[victim]
             self.counters.inc("pool_evictions", tier="host")
 
-    def _load(self, sha256: str, data: bytes) -> HostAdapter:
+    def _load(self, sha256: str, data: bytes | bytearray) -> HostAdapter:
         truncate = self.over_rank == "truncate"
-        # parsed into this thread's scratch buffer: its tensors live only until the packing below
+        # views of the file's bytes, read-only: what is kept below is packed or copied
         adapter = parse_adapter(data, expected_base=self.base, max_rank=None if truncate else self.max_rank,
-                                scratch=self._scratch())
+                                borrow=True)
         truncation = None
         if truncate:
             adapter, truncation = truncate_rank(adapter, self.max_rank)
@@ -178,12 +176,6 @@ class AdapterPool:
         heads = {name: (h.weight.to(self.device, self.dtype, copy=True), h.bias.to(self.device, self.dtype, copy=True))
                  for name, h in adapter.heads.items()}
         return HostAdapter(sha256, adapter.tasks, adapter.preprocess, a, e, b, heads, truncation)
-
-    def _scratch(self) -> ScratchBuffer:
-        buf = getattr(self._scratch_of_thread, "buf", None)
-        if buf is None:
-            buf = self._scratch_of_thread.buf = ScratchBuffer()
-        return buf
 
     # -- residency policy ------------------------------------------------------------------------
     def set_pinned(self, sha256: str, pinned: bool) -> None:
