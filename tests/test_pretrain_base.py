@@ -89,3 +89,20 @@ def test_merge_table_base_option_rebuilds_a_missing_base(tmp_path, monkeypatch):
                              "--test-images", "4", "--threads", "1"]) == 0
     base = load_base("vit_tiny_patch16_224", weights)
     assert load_adapter(tmp_path / "spec" / "lesion-ring.safetensors", expected_base=base.spec).base.fingerprint == base.spec.fingerprint
+
+
+def test_committed_results_were_made_with_these_tasks(tmp_path):
+    """The committed pretrained merge table's datasets are the ones merge_tasks.TASKS generates today (sha256 of
+    each task's arrays): a task redefined without rerunning the results (or lesion-ring's 4 classes reverted to 3,
+    whose probe was 0.980 on the pretrained base, pretrain_base.md) fails here."""
+    from pathlib import Path
+
+    from medlego.jobs.datasets import load_dataset
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    committed = json.loads((results / "merge_table_pretrained_seed0.json").read_text())["datasets"]
+    splits = next(iter(committed.values()))["splits"]
+    paths = merge_table_seeds.make_data(tmp_path, train=splits["train"], val=splits["val"], test=splits["test"])
+    assert {t: load_dataset(p, input_size=48).fingerprint for t, p in paths.items()} == \
+        {t: d["sha256"] for t, d in committed.items()}
+    assert {t: d["classes"] for t, d in committed.items()} == {t.name: t.classes for t in merge_tasks.TASKS}

@@ -38,7 +38,10 @@ class MarkedTask:
 
 
 TASKS = (
-    MarkedTask("lesion-ring", "ring", "orientation", 3),
+    # lesion-ring had 3 orientations 60° apart until the pretrained base's probe read them under the ring at 0.980
+    # (specialists 0.997: at most 0.02 left to adapt); 4 classes 45° apart (2 cells each, one blank) probe at 0.855 on that
+    # base and at 0.353 on the random-init one (chance 0.25), while a specialist still reaches 0.985–0.990 (pretrain_base.md)
+    MarkedTask("lesion-ring", "ring", "orientation", 4),
     MarkedTask("nucleus-dot", "dot", "orientation", 2, angle=1.0, freq=4.5),
     MarkedTask("fibre-cross", "cross", "orientation", 4, angle=0.0, freq=2.0),
     # gland-square read frequency textures (1.5 … 5 cycles) until the probe showed 0.503 on it (chance 0.333):
