@@ -353,7 +353,7 @@ def parse_adapter(data: bytes | bytearray, *, expected_base: BaseSpec | None = N
     ``expected_base``: the resident base; a different fingerprint (or shape) is refused.
     ``max_rank``: the largest rank the caller can serve; a larger matrix is refused.
     ``borrow``: the tensors are read-only views of `data` itself, no copy (the adapter pool packs
-    them at once: a copy of 600 KB was 0.18 ms of a 1.2 ms cold load); the caller must never write to
+    them at once: one 600 KB copy less per cold load, cold_load.md); the caller must never write to
     them. Without it, the tensors own one fresh copy of the file.
     """
     header = read_header(data)
