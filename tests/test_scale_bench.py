@@ -13,9 +13,19 @@ def test_scale_bench_quick(tmp_path):
                                "--resolves", "40", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "scale_bench.json").read_text())["config"]["adapters"] == 24
     assert "| uniform |" in (tmp_path / "scale_bench.md").read_text()
-    assert [m["mix"] for m in result["mixes"]] == ["one", "zipf", "uniform", "one"]
+    assert [(m["mix"], m["node"]) for m in result["mixes"]] == [
+        ("one", "-"), ("zipf", "cold"), ("uniform", "cold"), ("one", "-"), ("zipf", "warm"), ("uniform", "warm"),
+        ("one", "-")]
     assert all(m["errors"] == 0 and m["latency"]["n"] == 32 for m in result["mixes"])
     assert result["list"]["versions_walked"] == 24 and result["cold_s3"]["tiers"] == ["store"]
     assert result["cold_node"]["tiers"] == ["node"]
-    uniform = next(m for m in result["mixes"] if m["mix"] == "uniform")["tiers"]
-    assert uniform["host"]["misses"] > 0 and uniform["node"]["hits"] + uniform["store"]["hits"] == uniform["host"]["misses"]
+    for mix in result["mixes"][1:3]:  # cold: host misses go to the node cache or to S3
+        t = mix["tiers"]
+        assert t["host"]["misses"] > 0 and t["node"]["hits"] + t["store"]["hits"] == t["host"]["misses"]
+    warm = result["warm"]
+    assert warm["versions"] == 24 and warm["fetched"] + warm["cached"] == 24 and warm["left_out"] == 0
+    for mix in result["mixes"][4:6]:  # warm: every host miss is read from the node cache, none downloaded
+        t = mix["tiers"]
+        assert t["host"]["misses"] > 0 and t["node"]["hits"] == t["host"]["misses"] and t["store"]["hits"] == 0
+    ref = result["mixes"][5]["reference"]
+    assert abs(result["ratios"]["uniform"]["warm"] - result["mixes"][5]["images_per_s"] / ref["mean"]) < 2e-3

@@ -34,6 +34,8 @@ def add_registry_args(p: argparse.ArgumentParser) -> None:
                    help="adapter files: <data-dir>/store by default, or s3://BUCKET/PREFIX (endpoint and "
                         "credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)")
     g.add_argument("--cache-dir", metavar="DIR", help="node-local cache of an S3 store (default <data-dir>/cache)")
+    g.add_argument("--cache-max-bytes", type=int, default=None, metavar="BYTES",
+                   help="size bound of that cache (default 2 GiB; give the server's [registry] cache_max_bytes)")
 
 
 def registry_from_args(args, base=None, max_rank: int | None = None, *, create: bool = False):
@@ -52,7 +54,18 @@ def registry_from_args(args, base=None, max_rank: int | None = None, *, create: 
                                 f"(or set {DATA_DIR_ENV}); `medlego registry add` creates one")
     return Registry(data_dir, base=base.spec if base else None, max_rank=max_rank,
                     input_size=base.input_size if base else None, url=args.registry, store=args.store,
-                    cache_dir=args.cache_dir)
+                    cache_dir=args.cache_dir, **_cache_bound(args))
+
+
+def _cache_bound(args) -> dict:
+    bound = getattr(args, "cache_max_bytes", None)
+    if bound is None:
+        return {}
+    if bound < 1:
+        from medlego.runtime.errors import BadInputError
+
+        raise BadInputError(f"bad --cache-max-bytes {bound}: a positive number of bytes")
+    return {"cache_max_bytes": bound}
 
 
 def add_adapter_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +96,12 @@ def add_listing_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, default=None, metavar="N", help="versions per page: 1 to 1000 (default 100)")
     g.add_argument("--cursor", metavar="CURSOR", help="start after the page that printed this cursor")
     g.add_argument("--all", action="store_true", help="follow the cursors: every page, one after the other")
+    add_filter_args(p, g)
+
+
+def add_filter_args(p: argparse.ArgumentParser, group=None) -> None:
+    """What a listing (or a warm-up) is narrowed to."""
+    g = group or p.add_argument_group("filters")
     g.add_argument("--prefix", metavar="TEXT", help="only names starting with TEXT")
     g.add_argument("--task", metavar="TASK", help="only adapters with this task")
     g.add_argument("--base", metavar="FINGERPRINT", help="only adapters for this base (its whole fingerprint)")

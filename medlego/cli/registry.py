@@ -1,10 +1,10 @@
-"""`medlego registry add|list|show|delete|pin|unpin|alias|gc`: the adapter registry for ops teams."""
+"""`medlego registry add|list|show|delete|pin|unpin|alias|warm|gc`: the adapter registry for ops teams."""
 
 from __future__ import annotations
 
 import json
 
-from .common import add_base_args, add_listing_args, add_registry_args, registry_from_args
+from .common import add_base_args, add_filter_args, add_listing_args, add_registry_args, registry_from_args
 
 
 def register(sub) -> None:
@@ -47,6 +47,12 @@ def register(sub) -> None:
     al.add_argument("ref", nargs="?", help="target; omit with --remove")
     al.add_argument("--remove", action="store_true", help="remove the alias instead")
     al.set_defaults(func=_alias)
+
+    warm = s.add_parser("warm", help="fetch registered adapters from an S3 store into this node's cache before "
+                                     "traffic needs them (a new or restarted node)")
+    warm.add_argument("--workers", type=int, default=4, metavar="N", help="downloads at a time (default 4)")
+    add_filter_args(warm)
+    warm.set_defaults(func=_warm)
 
     gc = s.add_parser("gc", help="remove stored files that no version references (left by killed registrations)")
     gc.add_argument("--grace", type=float, default=None, metavar="SECONDS",
@@ -182,4 +188,22 @@ def _gc(args) -> int:
     for sha in out["objects_removed"]:
         print(f"removed unreferenced object {sha}")
     print(f"gc: removed {len(out['objects_removed'])} unreferenced objects and {out['temp_files_removed']} stale temp files")
+    return 0
+
+
+def _warm(args) -> int:
+    from medlego.runtime.registry.listing import check_filters
+
+    reg = registry_from_args(args)
+    r = reg.warm(check_filters(args.prefix, args.task, args.base), args.workers)
+    if r.room_bytes is None:
+        print(f"nothing to warm: the {r.versions} matching versions are read from this machine's folder store")
+        return 0
+    print(f"node cache {reg.cache_dir}: {r.fetched} fetched ({r.bytes_fetched / 1e6:.1f} MB), {r.cached} already "
+          f"there, of {r.objects} files for {r.versions} matching versions, in {r.seconds:.1f} s")
+    if r.missing:
+        print(f"{r.missing} were deleted from the store meanwhile")
+    if r.left_out:
+        print(f"{r.left_out} left out, e.g. {', '.join(r.samples)}: the cache keeps {r.room_bytes / 1e6:.0f} MB without "
+              "evicting what it warmed; raise --cache-max-bytes (the server's [registry] cache_max_bytes) or filter")
     return 0

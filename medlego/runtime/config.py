@@ -14,6 +14,7 @@ A settings file (``--config FILE`` or ``$MEDLEGO_CONFIG``) has one table per sec
     [registry]                 # the shared registry of a fleet (default: SQLite + folder in data_dir)
     url = "postgresql://medlego@db:5432/medlego"
     store = "s3://bucket/medlego"
+    warm_on_start = true       # fetch the base's adapters into the node cache, in the background
     [auth]
     admin_token_file = "/run/secrets/medlego_admin"   # or admin_token = "..."
     api_token_file = "/run/secrets/medlego_api"       # optional: diagnosis needs a token too
@@ -102,10 +103,12 @@ class RegistryConfig:
     store: str | None = None  # files: None = a folder in data_dir; s3://BUCKET/PREFIX for a fleet
     cache_dir: str | None = None  # node-local cache of store objects (S3 only); None = data_dir/cache
     cache_max_bytes: int | None = None  # None: the registry's default bound
+    # at start, fetch the adapters made for the served base into the node cache, in the background (S3 only)
+    warm_on_start: bool = False
 
     def registry_kwargs(self) -> dict:
         """The keyword arguments of :class:`~medlego.runtime.registry.Registry` that are set here."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "warm_on_start"}
 
 
 @dataclass

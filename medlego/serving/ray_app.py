@@ -92,7 +92,8 @@ _CONFIG_ARGS = {"model": ("base", "model", str), "weights": ("base", "weights", 
                 "data_dir": ("server", "data_dir", str), "device": ("engine", "device", str),
                 "registry_url": ("registry", "url", str), "registry_store": ("registry", "store", str),
                 "registry_cache_dir": ("registry", "cache_dir", str),
-                "registry_cache_max_bytes": ("registry", "cache_max_bytes", int)}
+                "registry_cache_max_bytes": ("registry", "cache_max_bytes", int),
+                "registry_warm_on_start": ("registry", "warm_on_start", lambda v: _flag("registry_warm_on_start", v))}
 _SHAPE_ARGS = {"replicas": ("replicas", int), "autoscaling": ("autoscaling", dict), "replica_cpus": ("cpus", float),
                "replica_gpus": ("gpus", float), "replica_resources": ("resources", dict),
                "torch_threads": ("torch_threads", int), "health_check_period_s": ("health_period_s", float),
@@ -111,6 +112,13 @@ def _shape_from_args(args: dict) -> ReplicaShape:
     return shape
 
 
+def _flag(name: str, value) -> bool:
+    """A YAML boolean (bool("false") would be True)."""
+    if isinstance(value, bool):
+        return value
+    raise BadInputError(f"app arg {name} must be true or false, got {value!r}")
+
+
 def app_builder(args: dict):
     """Entry for ``serve deploy`` / ``serve run`` (``import_path: medlego.serving.ray_app:app_builder``).
 
@@ -119,7 +127,8 @@ def app_builder(args: dict):
     * ``config``: a medlego TOML file ([engine] [batching] [limits] [auth] [registry] …); the args
       below override it: ``model``, ``weights``, ``data_dir``, ``device``;
     * the shared registry: ``registry_url`` (postgresql://…), ``registry_store`` (s3://BUCKET/PREFIX),
-      ``registry_cache_dir`` (node-local; ``{node}`` becomes the Ray node id), ``registry_cache_max_bytes``;
+      ``registry_cache_dir`` (node-local; ``{node}`` becomes the Ray node id), ``registry_cache_max_bytes``,
+      ``registry_warm_on_start`` (each replica fetches the base's adapters into its node cache as it starts);
     * the replicas: ``replicas`` (a fixed count) or ``autoscaling`` (Ray's autoscaling_config:
       ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, …), ``replica_cpus``,
       ``replica_gpus``, ``replica_resources`` (custom resources each replica needs: placement),

@@ -21,6 +21,7 @@ from medlego.runtime.engine import AdapterCold, Diagnosis, Engine, Request
 from medlego.runtime.errors import BadInputError, OverloadedError
 from medlego.runtime.registry import Registry
 from medlego.runtime.registry import audit as audit_log
+from medlego.runtime.registry.warm import warm_in_background
 
 from . import limits as checks
 from .admin import AdminOperations
@@ -72,6 +73,8 @@ class DiagnosisService(RegistryReads):
         if cfg.engine.kernel_cache is None:  # measured kernel choices outlive a restart
             cfg.engine.kernel_cache = str(cfg.data_dir / "kernel_choice.json")
         engine = Engine(base, registry, cfg.engine)
+        if cfg.registry.warm_on_start:
+            warm_in_background(registry, base.spec.fingerprint, cfg.engine.load_workers)
         audit = audit_log.AuditLog(registry.index, cfg.audit, store=registry.store) if cfg.audit.enabled else None
         return cls(engine, limits=cfg.limits, auth=Auth.from_config(cfg.auth), batching=cfg.batching,
                    replica=replica, audit=audit)

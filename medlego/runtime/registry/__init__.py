@@ -144,8 +144,8 @@ class Registry:
                  cache_dir: str | os.PathLike | None = None, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES):
         self.root = Path(data_dir).expanduser()
         self.base, self.max_rank, self.input_size = base, max_rank, input_size
-        cache = Path(cache_dir).expanduser() if cache_dir else self.root / "cache"
-        self._store = open_store(store, self.root, cache, cache_max_bytes)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root / "cache"  # used by an S3 store only
+        self._store = open_store(store, self.root, self.cache_dir, cache_max_bytes)
         self._index = open_index(url, self.root)
         self._meta = functools.lru_cache(maxsize=META_CACHE_ENTRIES)(self._read_meta)
         listing.backfill_tags(self._index)  # a registry made before listings could filter
@@ -462,6 +462,12 @@ class Registry:
         if data is None:
             raise AdapterNotFoundError(f"adapter {entry.ref} is no longer in the store (deleted)")
         return data, tier
+
+    def warm(self, filters: Filters = Filters(), workers: int = 4):
+        """Fetch the matching versions' files into this node's cache before traffic needs them: a WarmReport."""
+        from .warm import warm
+
+        return warm(self, filters, workers)
 
     def local_path(self, entry: Entry) -> Path:
         """A file on this machine with the entry's verified bytes (the store's file, or the node cache's)."""

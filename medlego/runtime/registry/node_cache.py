@@ -56,6 +56,20 @@ class NodeCache:
             self._trusted.remember(path)
         return data
 
+    def holds(self, sha: str) -> bool:
+        """Whether the object has a file here, marked most recently used (not read: a damaged file is found by get)."""
+        path = self.path(sha)
+        trusted = self._trusted.trusts(path)
+        if not _touch(path):
+            return False
+        if trusted:  # the new mtime is ours, not a write
+            self._trusted.remember(path)
+        return True
+
+    def room(self) -> int:
+        """What a warm-up may fill: eviction scans trim to LOW_WATER of the limit, so more would evict its own files."""
+        return int(self.max_bytes * LOW_WATER)
+
     def put(self, sha: str, data: bytes) -> None:
         """Insert bytes already verified against sha, then evict down to the limit."""
         # no fsync (~20 ms on a busy disk, on the cold-load path): after a crash, a torn file is caught by

@@ -51,6 +51,16 @@ class Store:
         """A file on this machine holding the verified object; None when there is no such object."""
         raise NotImplementedError
 
+    def warm(self, sha: str) -> str:
+        """Make the object's bytes local to this node, without reading a copy that already is: "local"
+        (the store is on this machine's disk), "cached" (in the node cache), "fetched" (downloaded,
+        verified, cached) or "missing" (no such object)."""
+        return "local"
+
+    def warm_room(self) -> int | None:
+        """Bytes a warm-up may place in the node cache before it starts evicting what it placed (None: no cache)."""
+        return None
+
     def remove_stale_uploads(self, older_than_s: float) -> int:
         """Remove what writers that died left behind; how many were removed."""
         raise NotImplementedError
@@ -111,6 +121,15 @@ class TrustedFiles:
             self._seen.move_to_end(str(path))
             while len(self._seen) > self.max_entries:
                 self._seen.popitem(last=False)
+
+    def trusts(self, path: Path) -> bool:
+        """Whether the file is as it was when last verified (False when it is gone)."""
+        try:
+            sig = self._sig(os.stat(path))
+        except FileNotFoundError:
+            return False
+        with self._lock:
+            return self._seen.get(str(path)) == sig
 
     def forget(self, path: Path) -> None:
         with self._lock:

@@ -112,6 +112,18 @@ class S3Store(Store):
             self._cache(sha, verified(sha, data))
         return data, "store"
 
+    def warm(self, sha: str) -> str:
+        if self.cache.holds(sha):  # a damaged cached file is caught when it is read, and fetched then
+            return "cached"
+        data = self._download(sha)
+        if data is None:
+            return "missing"
+        self._cache(sha, verified(sha, data))
+        return "fetched"
+
+    def warm_room(self) -> int | None:
+        return self.cache.room()
+
     def _cache(self, sha: str, data: bytes) -> None:
         """Keep verified bytes in the node cache; a cache that cannot (its disk full) costs a warning, not the read."""
         try:
