@@ -76,9 +76,11 @@ def test_compiled_trunk_benchmark_checks_and_writes(tmp_path):
     assert compiled_trunk.main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "2",
                                 "--rounds", "2", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "compiled_trunk.json").read_text())
-    assert r["compiled_max_abs_diff"] < 1e-3
+    assert r["compiled_max_abs_diff"] < 1e-3 and r["plain_linears_max_abs_diff"] < 1e-3
     assert set(r["methods"]) == {"trunk alone, eager", "trunk alone, torch.compile", "mixed batch, eager",
-                                 "mixed batch, torch.compile", compiled_trunk.ORT}
+                                 "mixed batch, torch.compile", compiled_trunk.ORT,
+                                 "trunk alone, eager" + compiled_trunk.PLAIN,
+                                 "mixed batch, eager" + compiled_trunk.PLAIN}
     assert r["methods"][compiled_trunk.ORT]["vs_ort"]["ratios"] == [1.0, 1.0]
     assert all(m["images_per_s_best"] > 0 and m["vs_ort"]["rounds"] == 2 for m in r["methods"].values())
     assert "| mixed batch, torch.compile |" in (tmp_path / "compiled_trunk.md").read_text()

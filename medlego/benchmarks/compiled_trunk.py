@@ -6,6 +6,8 @@ Times, interleaved round by round on the same batch (every image a different ada
   trunk with adapters could reach, since it does the same work plus the low-rank terms;
 * the adapted trunk with the engine's own per-image path (``AdaptedViT.features`` with a
   ``PackedSource`` over one slot per image), eager and compiled;
+* both eager forms again with the trunk's Linears on ``F.linear`` (MKL's addmm, then a separate
+  GELU) instead of the engine's oneDNN path (:func:`medlego.kernels.reference.dense`): what that path gains;
 * ONNX Runtime on one adapter folded into the model ``medlego export`` writes.
 
 Each method's throughput over ORT's is taken per round (the two ran back to back) and summarised
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from medlego.kernels.reference import onednn_linears
 from medlego.runtime.base import init_weights_file, load_base
 from medlego.runtime.lora import PackedSource
 from medlego.runtime.model import AdaptedViT, pooled_features
@@ -34,6 +37,14 @@ from .bench import _adapters, paired_ratio
 from .common import OUT_HELP, hardware, results_dir, uptime, write_json
 
 ORT = "ONNX Runtime, one folded adapter"
+PLAIN = ", F.linear"  # the suffix of the rows with the trunk's Linears on F.linear (not oneDNN)
+
+
+def _plain_linears(fn):
+    def run():
+        with onednn_linears(False):
+            return fn()
+    return run
 
 
 def run(model: str, batch: int, rounds: int, img_size: int | None = None) -> dict:
@@ -54,9 +65,13 @@ def run(model: str, batch: int, rounds: int, img_size: int | None = None) -> dic
         diff = float((compiled_mixed(x) - eager).abs().max())
         compiled_base(x)
         compile_s = time.perf_counter() - t0
+        with onednn_linears(False):
+            diff_plain = float((adapted.features(x, source) - eager).abs().max())
         runs = {"trunk alone, eager": lambda: pooled_features(vit, x),
+                "trunk alone, eager" + PLAIN: _plain_linears(lambda: pooled_features(vit, x)),
                 "trunk alone, torch.compile": lambda: compiled_base(x),
                 "mixed batch, eager": lambda: adapted.features(x, source),
+                "mixed batch, eager" + PLAIN: _plain_linears(lambda: adapted.features(x, source)),
                 "mixed batch, torch.compile": lambda: compiled_mixed(x),
                 ORT: lambda: ort.run(x)}
         secs: dict[str, list[float]] = {name: [] for name in runs}
@@ -71,7 +86,8 @@ def run(model: str, batch: int, rounds: int, img_size: int | None = None) -> dic
     methods = {name: {"images_per_s_best": batch / min(v), "rounds_s": v,
                       "vs_ort": paired_ratio(secs[ORT], v)} for name, v in secs.items()}
     return {"model": model, "input_size": s, "batch": batch, "rounds": rounds, "hardware": hardware(),
-            "compile_s": compile_s, "compiled_max_abs_diff": diff, "load_before": load_before, "load_after": uptime(),
+            "compile_s": compile_s, "compiled_max_abs_diff": diff, "plain_linears_max_abs_diff": diff_plain,
+            "load_before": load_before, "load_after": uptime(),
             "methods": methods}
 
 
@@ -79,7 +95,8 @@ def to_markdown(r: dict) -> str:
     lines = [f"# A compiled trunk vs ONNX Runtime — {r['model']} at {r['input_size']} px, batch {r['batch']}, CPU", "",
              f"{r['hardware']['cpu']}, {r['hardware']['torch_threads']} torch threads (ORT: as many intra-op threads); "
              f"torch {r['hardware']['torch']}. {r['rounds']} interleaved rounds; compile took {r['compile_s']:.0f} s; "
-             f"the compiled mixed batch is within {r['compiled_max_abs_diff']:.2g} of the eager one.", "",
+             f"the compiled mixed batch is within {r['compiled_max_abs_diff']:.2g} of the eager one, the eager one on "
+             f"F.linear within {r.get('plain_linears_max_abs_diff', float('nan')):.2g} of it on oneDNN.", "",
              f"Load: before `{r['load_before']}`; after `{r['load_after']}`.", "",
              "| method | best images/s | vs ORT, median of paired rounds | range |", "| --- | ---: | ---: | --- |"]
     for name, m in r["methods"].items():

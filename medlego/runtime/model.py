@@ -1,7 +1,8 @@
 """The base ViT with SVD-LoRA on Q/V: pooled features per image, heads per task, folding.
 
 ``AdaptedViT.features(pixels, source)`` runs the frozen trunk once for the whole batch with the
-source's per-image low-rank terms; heads are tiny and applied per image by the caller.
+source's per-image low-rank terms; heads are tiny and applied per image by the caller. The trunk's
+Linears compute through :func:`medlego.kernels.reference.dense` (:func:`use_dense_linears`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,56 @@ import copy
 import torch
 from torch import nn
 
+from medlego.kernels.reference import dense
+
 from .adapter import Adapter, Head, TaskSpec
 from .base import BaseModel
 from .lora import AdapterSource, PackedSource, using, wrap_qkv
 from .vit import qkv_linear, typed
+
+
+class DenseLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, same state_dict) whose forward is :func:`dense`, with the GELU
+    that follows it in its MLP fused in when ``gelu`` names one: oneDNN in float32 CPU inference,
+    ``F.linear`` (then ``F.gelu``) elsewhere, in training and when traced for ONNX."""
+
+    gelu: str | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002  (nn.Linear's own name)
+        return dense(input, self.weight, self.bias, self.gelu)
+
+
+def _to_dense(linear: nn.Module | None, gelu: str | None = None) -> None:
+    if type(linear) is nn.Linear:  # exactly: a subclass may compute something else
+        linear.__class__ = DenseLinear  # the same object and parameters: folding and export see a Linear
+        linear.gelu = gelu  # type: ignore[attr-defined]
+
+
+def _fusable_gelu(mlp: nn.Module) -> str | None:
+    """The GELU form of a timm ``Mlp`` (fc1 → act → drop1 → norm → fc2 → drop2) whose act can move into
+    fc1, else None (a GLU or SwiGLU MLP, another activation, a norm between them)."""
+    act, norm = getattr(mlp, "act", None), getattr(mlp, "norm", None)
+    if type(mlp).__name__ != "Mlp" or type(act) is not nn.GELU or not isinstance(norm, nn.Identity):
+        return None
+    return act.approximate
+
+
+def use_dense_linears(vit: nn.Module) -> None:
+    """Make every block's plain Linears (qkv, proj, fc1 with its GELU, fc2) :class:`DenseLinear`, in place
+    (idempotent). Issue 30: on the CPU a float32 batch runs ~20% faster than on ``F.linear`` (oneDNN on
+    packed weights, bias and GELU fused); on a GPU, in training and in ONNX export nothing changes."""
+    for blk in typed(vit).blocks:
+        _to_dense(qkv_linear(blk))
+        _to_dense(getattr(blk.attn, "proj", None))
+        mlp = getattr(blk, "mlp", None)
+        if mlp is None:
+            continue
+        gelu = _fusable_gelu(mlp)
+        if gelu is not None and type(getattr(mlp, "fc1", None)) is nn.Linear:
+            _to_dense(mlp.fc1, gelu)
+            mlp.act = nn.Identity()  # now inside fc1
+        _to_dense(getattr(mlp, "fc1", None))
+        _to_dense(getattr(mlp, "fc2", None))
 
 
 class AdaptedViT(nn.Module):
@@ -23,6 +70,7 @@ class AdaptedViT(nn.Module):
         self.base = base
         self.vit = base.model
         self.state = wrap_qkv(self.vit)
+        use_dense_linears(self.vit)
 
     def features(self, pixels: torch.Tensor, source: AdapterSource | None = None) -> torch.Tensor:
         """Pooled pre-logit features [N, D] of pixels [N, 3, H, W]."""
