@@ -43,6 +43,8 @@ def test_warm_stops_where_the_cache_would_evict_what_it_warmed(fleet_backend, ti
     assert (r.fetched, r.left_out) == (2, 3) and r.room_bytes is not None and r.bytes_fetched <= r.room_bytes
     cached = sorted(p.name[:64] for p in (tmp_path / "node").glob("*.safetensors"))
     assert cached == sorted({e.sha256: e for e in entries if e.name in ("copy-a", "site0")})  # listing order
+    none = fleet_backend.open(base=tiny_base.spec, cache_dir=tmp_path / "tiny", cache_max_bytes=size // 2).warm()
+    assert (none.versions, none.objects, none.left_out, none.fetched) == (6, 5, 5, 0)  # copy-a/-b: one file
 
 
 def test_an_object_gone_from_the_bucket_is_counted_missing(fleet_backend, tiny_base, make_adapter, tmp_path):

@@ -107,8 +107,9 @@ class RegistryConfig:
     warm_on_start: bool = False
 
     def registry_kwargs(self) -> dict:
-        """The keyword arguments of :class:`~medlego.runtime.registry.Registry` that are set here."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "warm_on_start"}
+        """The keyword arguments of :class:`~medlego.runtime.registry.Registry` that are set here (warm_on_start
+        is the server's to act on, not the registry's)."""
+        return {k: getattr(self, k) for k in ("url", "store", "cache_dir", "cache_max_bytes") if getattr(self, k) is not None}
 
 
 @dataclass

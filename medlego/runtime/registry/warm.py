@@ -32,7 +32,7 @@ class WarmReport:
     fetched: int = 0  # downloaded (verified) into it now
     bytes_fetched: int = 0
     missing: int = 0  # listed, but gone from the store (deleted meanwhile)
-    left_out: int = 0  # not fetched: the node cache has no room left for them
+    left_out: int = 0  # files not fetched: the node cache has no room left for them
     room_bytes: int | None = None  # what the node cache may hold; None: the store is this machine's folder
     seconds: float = 0.0
     samples: list = field(default_factory=list, repr=False)  # the versions left out, a few, for the message
@@ -53,13 +53,15 @@ def warm(registry, filters: Filters = Filters(), workers: int = 4) -> WarmReport
         report.seconds = time.perf_counter() - t0
         return report
     wanted: dict[str, int] = {}
+    left_out: set[str] = set()  # by object: versions that share a file are one file left out
     budget = report.room_bytes
     for page in _pages(registry, filters):
         for e in page.entries:
             report.versions += 1
-            if e.sha256 in wanted:
+            if e.sha256 in wanted or e.sha256 in left_out:
                 continue
             if e.size > budget:
+                left_out.add(e.sha256)
                 report.left_out += 1
                 if len(report.samples) < 3:
                     report.samples.append(e.ref)
