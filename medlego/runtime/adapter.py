@@ -436,11 +436,25 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 # -- validation ------------------------------------------------------------------------------
 
-def _json_field(metadata: Mapping[str, str], key: str):
+def _json_field(text, key: str):
+    """One metadata value (a string of JSON, by the format) parsed, or the one-line refusal naming `key`."""
     try:
-        return json.loads(metadata[key])
+        return json.loads(text)
     except (TypeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError; so are 5000-digit numbers
         raise AdapterFormatError(f"metadata '{key}' is not valid JSON (or is nested too deeply)") from None
+
+
+def _by_text(parse):
+    """`parse` of one metadata value, remembered per distinct text: the base, tasks and preprocessing of the
+    adapters a node serves are a few texts repeated in every file, and their values are immutable. A
+    refusal is not remembered (lru_cache keeps no exception): a bad text is refused again each time."""
+    remembered = functools.lru_cache(maxsize=256)(parse)
+
+    @functools.wraps(parse)
+    def run(text):
+        return remembered(text) if isinstance(text, str) else parse(text)  # a non-string is refused uncached
+
+    return run
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -479,8 +493,9 @@ def _parse_metadata(metadata: Mapping[str, str]) -> dict:
         _need(key in metadata, f"missing metadata '{key}'")
     extra = sorted(set(metadata) - set(METADATA_KEYS))
     _need(not extra, f"unexpected metadata key(s): {', '.join(extra)} (allowed: {', '.join(METADATA_KEYS)})")
-    base_spec, tasks, preprocess = _parse_base(metadata), _parse_tasks(metadata), _parse_preprocess(metadata)
-    provenance = _json_field(metadata, "provenance")
+    base_spec = _parse_base(metadata["base"])
+    tasks, preprocess = _parse_tasks(metadata["tasks"]), _parse_preprocess(metadata["preprocess"])
+    provenance = _json_field(metadata["provenance"], "provenance")
     _need(isinstance(provenance, dict), "metadata 'provenance' must be a JSON object")
     created = metadata["created"]
     try:
@@ -491,8 +506,9 @@ def _parse_metadata(metadata: Mapping[str, str]) -> dict:
             "provenance": provenance, "created": created}
 
 
-def _parse_base(metadata: Mapping[str, str]) -> BaseSpec:
-    base = _json_field(metadata, "base")
+@_by_text
+def _parse_base(text) -> BaseSpec:
+    base = _json_field(text, "base")
     _need(isinstance(base, dict), "metadata 'base' must be a JSON object")
     for k in ("model", "fingerprint", "embed_dim", "depth"):
         _need(k in base, f"metadata 'base' lacks '{k}'")
@@ -504,8 +520,9 @@ def _parse_base(metadata: Mapping[str, str]) -> BaseSpec:
     return BaseSpec(base["model"], base["fingerprint"], base["embed_dim"], base["depth"])
 
 
-def _parse_tasks(metadata: Mapping[str, str]) -> tuple[TaskSpec, ...]:
-    tasks_json = _json_field(metadata, "tasks")
+@_by_text
+def _parse_tasks(text) -> tuple[TaskSpec, ...]:
+    tasks_json = _json_field(text, "tasks")
     _need(isinstance(tasks_json, list) and bool(tasks_json), "metadata 'tasks' must be a non-empty JSON list")
     tasks: list[TaskSpec] = []
     for t in tasks_json:
@@ -525,8 +542,9 @@ def _parse_tasks(metadata: Mapping[str, str]) -> tuple[TaskSpec, ...]:
     return tuple(tasks)
 
 
-def _parse_preprocess(metadata: Mapping[str, str]) -> Preprocess:
-    pp = _json_field(metadata, "preprocess")
+@_by_text
+def _parse_preprocess(text) -> Preprocess:
+    pp = _json_field(text, "preprocess")
     _need(isinstance(pp, dict), "metadata 'preprocess' must be a JSON object")
     for k in ("input_size", "mean", "std", "channels"):
         _need(k in pp, f"metadata 'preprocess' lacks '{k}'")

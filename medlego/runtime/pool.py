@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from .adapter import BaseSpec, Preprocess, TaskSpec, find_task, parse_adapter, truncate_rank
+from .adapter_layout import parse_packed
 from .counters import Counters
 from .errors import OverloadedError
 from .lora import pack_adapter
@@ -163,19 +164,19 @@ class AdapterPool:
 
     def _load(self, sha256: str, data: bytes | bytearray) -> HostAdapter:
         truncate = self.over_rank == "truncate"
-        # views of the file's bytes, read-only: what is kept below is packed or copied
-        adapter = parse_adapter(data, expected_base=self.base, max_rank=None if truncate else self.max_rank,
-                                borrow=True)
-        truncation = None
-        if truncate:
-            adapter, truncation = truncate_rank(adapter, self.max_rank)
-        # packed at its own rank: a smaller host copy, and no zero-fill up to the pool's rank
-        a, e, b = pack_adapter(adapter, None, self.dtype, "cpu")
+        # packed in own memory; the heads are views of the file's bytes, read-only: copied below
+        packed = parse_packed(data, expected_base=self.base, max_rank=None if truncate else self.max_rank,
+                              dtype=self.dtype)
+        a, e, b, heads, truncation = packed.a, packed.e, packed.b, packed.heads, None
+        if packed.rank > self.max_rank:  # over_rank = "truncate": its top singular directions
+            adapter, truncation = truncate_rank(parse_adapter(data, expected_base=self.base, borrow=True), self.max_rank)
+            a, e, b = pack_adapter(adapter, None, self.dtype, "cpu")
+            heads = adapter.heads
         if self._stream is not None:
             a, e, b = a.pin_memory(), e.pin_memory(), b.pin_memory()
         heads = {name: (h.weight.to(self.device, self.dtype, copy=True), h.bias.to(self.device, self.dtype, copy=True))
-                 for name, h in adapter.heads.items()}
-        return HostAdapter(sha256, adapter.tasks, adapter.preprocess, a, e, b, heads, truncation)
+                 for name, h in heads.items()}
+        return HostAdapter(sha256, packed.tasks, packed.preprocess, a, e, b, heads, truncation)
 
     # -- residency policy ------------------------------------------------------------------------
     def set_pinned(self, sha256: str, pinned: bool) -> None:
