@@ -94,5 +94,7 @@ class HealthProbe:
         self._stop.set()
         self._thread.join(15)
 
-    def assert_fast(self) -> None:
-        assert len(self.ms) >= 3 and max(self.ms) < HEALTHZ_MS, [round(x) for x in sorted(self.ms)[-5:]]
+    def assert_fast(self, slack_ms: float = 0.0) -> None:
+        """Every probe under HEALTHZ_MS, plus ``slack_ms`` for a step that cannot yield the interpreter lock."""
+        bound = HEALTHZ_MS + slack_ms
+        assert len(self.ms) >= 3 and max(self.ms) < bound, (round(bound), [round(x) for x in sorted(self.ms)[-5:]])

@@ -95,6 +95,17 @@ def burst(url: str, files: dict[str, bytes], work: Path) -> dict:
     return {"answers": [tuple(a) for a in json.loads(out.read_text())], "diagnose_s": diagnose_s, "healthz_s": healthz_s}
 
 
+def _refusal_times(url: str, files: dict[str, bytes]) -> dict[str, float]:
+    """Seconds the server takes to refuse each hostile file with nothing else running: this machine's speed."""
+    times = {}
+    with httpx.Client(base_url=url, timeout=120, headers=bearer(ATTACKER)) as c:
+        for name, data in files.items():
+            t0 = time.perf_counter()
+            c.post("/v1/diagnose", files={"file": (name + ".dcm", data)}, data={"adapter": "b0"})
+            times[name] = time.perf_counter() - t0
+    return times
+
+
 def test_a_burst_of_hostile_dicom_delays_no_one(tmp_path, tiny_base, tiny_base_file):
     data = seeded_registry(tmp_path / "data", tiny_base, ["b0"], 40)
     config = tmp_path / "serve.toml"
@@ -117,6 +128,7 @@ def test_a_burst_of_hostile_dicom_delays_no_one(tmp_path, tiny_base, tiny_base_f
                 assert c.post("/v1/diagnose", files={"file": ("a.png", PNG)}, data={"adapter": "b0"}).status_code == 200
             assert c.post("/v1/diagnose", files={"file": ("x.dcm", hostile.jpeg_dicom())},
                           data={"adapter": "b0"}).status_code == 200
+        alone = _refusal_times(url, files)
         _reset_peak_rss(proc.pid)
         base = _peak_rss(proc.pid)
         t0 = time.perf_counter()
@@ -129,7 +141,8 @@ def test_a_burst_of_hostile_dicom_delays_no_one(tmp_path, tiny_base, tiny_base_f
     answers, diagnose_s, healthz_s = result["answers"], result["diagnose_s"], result["healthz_s"]
     print(f"\n{len(answers)} hostile requests in {took:.1f} s; normal diagnose max {max(diagnose_s) * 1000:.0f} ms "
           f"over {len(diagnose_s)}; /healthz max {max(healthz_s) * 1000:.0f} ms over {len(healthz_s)} "
-          f"(slowest {sorted(round(s * 1000) for s in healthz_s)[-5:]} ms); peak RSS growth {growth / 2**20:.0f} MB")
+          f"(slowest {sorted(round(s * 1000) for s in healthz_s)[-5:]} ms); peak RSS growth {growth / 2**20:.0f} MB; "
+          f"each refused alone: { {k: round(v * 1000) for k, v in alone.items()} } ms")
     assert len(answers) == SENDERS * ROUNDS * len(files)
     for name, status, detail in answers:
         assert status in (400, 413, 422), (name, status, detail)  # never 200, never 503 "retry later"
@@ -137,7 +150,11 @@ def test_a_burst_of_hostile_dicom_delays_no_one(tmp_path, tiny_base, tiny_base_f
     # the decode pool takes turns between callers (serving/fair_pool.py): the clinic's image waits for the
     # decodes already running, not for the attacker's queue. Measured with 12 senders: at most 0.63-0.90 s;
     # in arrival order (one queue for all) 2.0-2.2 s. Before issue 24: 64 s behind 16 fragment bombs.
-    assert max(diagnose_s) < 1.5, [round(s, 2) for s in diagnose_s]
+    # On a slower machine every decode is slower, the clinic's turn too: the bound grows with the time the
+    # six files take to be refused one after another, alone (0.87 s on a 2-core Zen 3, where the burst's
+    # worst was 1.62-1.63 s: 1.9 such rounds; one queue for all waits for ~12 decodes, 4+ rounds)
+    bound = max(1.5, 3.0 * sum(alone.values()))
+    assert max(diagnose_s) < bound, (bound, [round(s, 2) for s in diagnose_s])
     # The issue's bound: /healthz under 100 ms at every probe, a probe every 20 ms throughout the burst.
     # It holds because the server's switch interval is 0.5 ms ([server] switch_interval_ms): at CPython's
     # default 5 ms the loop waited that long for each turn back from the decode and parse threads, and
