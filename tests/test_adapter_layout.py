@@ -265,3 +265,18 @@ def test_the_pool_loads_through_the_layout_and_serves_the_same_factors(make_adap
     other = BaseSpec(tiny_base.spec.model, "0" * 64, tiny_base.embed_dim, tiny_base.depth)
     with pytest.raises(IncompatibleAdapterError):
         AdapterPool(other, slots=4, max_rank=4)._load("sha", files[1])
+
+
+def test_metadata_texts_are_remembered_only_when_short(make_adapter):
+    from medlego.runtime.adapter import _parse_tasks
+
+    short = _copies(make_adapter, 1, rank=2)[0]
+    many = [TaskSpec("atlas", tuple(f"structure-{i:05d}" for i in range(2000)), True)]  # a ~30 KB tasks text
+    long = make_adapter(seed=1, rank=2, tasks=many).to_bytes()
+    parse_adapter(short)
+    held = _parse_tasks.cache_info().currsize
+    parse_adapter(short)
+    assert _parse_tasks.cache_info().currsize == held  # the same text: one entry
+    for _ in range(2):
+        assert parse_adapter(long).tasks == tuple(many)  # parsed, served, and not kept
+    assert _parse_tasks.cache_info().currsize == held

@@ -444,16 +444,23 @@ def _json_field(text, key: str):
         raise AdapterFormatError(f"metadata '{key}' is not valid JSON (or is nested too deeply)") from None
 
 
+_REMEMBERED_TEXT_CHARS = 4096  # a longer value (a task with thousands of labels) is parsed each time: bounded memory
+
+
 def _by_text(parse):
     """`parse` of one metadata value, remembered per distinct text: the base, tasks and preprocessing of the
-    adapters a node serves are a few texts repeated in every file, and their values are immutable. A
-    refusal is not remembered (lru_cache keeps no exception): a bad text is refused again each time."""
+    adapters a node serves are a few short texts repeated in every file, and their values are immutable.
+    A refusal is not remembered (lru_cache keeps no exception): a bad text is refused again each time. At
+    most 256 texts of at most _REMEMBERED_TEXT_CHARS each, however large the headers that reach it."""
     remembered = functools.lru_cache(maxsize=256)(parse)
 
     @functools.wraps(parse)
     def run(text):
-        return remembered(text) if isinstance(text, str) else parse(text)  # a non-string is refused uncached
+        if isinstance(text, str) and len(text) <= _REMEMBERED_TEXT_CHARS:
+            return remembered(text)
+        return parse(text)  # a non-string (refused) or a long text, uncached
 
+    run.cache_info = remembered.cache_info  # type: ignore[attr-defined]
     return run
 
 

@@ -6,7 +6,7 @@ file with such a table is parsed and validated in full by
 :func:`~medlego.runtime.adapter.parse_adapter`, whose checks and one-line refusals stay the only
 ones; what that validation proved about the block factors' entries is then remembered as a
 *layout*: where each matrix's factors lie in the data section. A later file whose entries for the
-block factors are that same text is packed with three gathers, instead of ~74 views, shape checks
+block factors are that same text is packed with one row gather, instead of ~74 views, shape checks
 and stacks: most of a host load on a node that serves thousands of adapters (scale_bench.md).
 
 What depends on a file's own bytes is still checked on every file: the header's framing, the
@@ -20,7 +20,6 @@ message or serves it."""
 from __future__ import annotations
 
 import json
-import math
 import struct
 import threading
 from collections import OrderedDict
@@ -29,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import (_MAX_HEADER_BYTES, _VIEW_DTYPES, TARGETS, Adapter, BaseSpec, Head, Preprocess, TaskSpec,
-                      _parse_metadata, check_compatible, parse_adapter)
+                      _parse_metadata, _tensor_spec, check_compatible, parse_adapter)
+from .errors import AdapterFormatError
 from .lora import pack_adapter
 
 # medlego's writer (and safetensors' own) put the metadata first: its end is where the table's text starts
@@ -174,16 +174,11 @@ def _heads(text: str, tasks: tuple[TaskSpec, ...], layout: _Layout, data_bytes: 
         return None
     spans, out = [], {}
     for name, (task, kind, shape) in wanted.items():
-        spec = entries[name]
-        if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) \
-                or _VIEW_DTYPES.get(spec["dtype"]) != layout.dtype:
+        try:  # the full parse's own check of an entry (JSON integers, a known dtype, sizes that match)
+            begin, end, _, dtype, got = _tensor_spec(name, entries[name])
+        except AdapterFormatError:
             return None
-        got, offsets = spec.get("shape"), spec.get("data_offsets")
-        if not (isinstance(got, list) and isinstance(offsets, list) and len(offsets) == 2
-                and all(type(n) is int for n in got + offsets) and got == shape):
-            return None
-        begin, end = offsets
-        if end - begin != math.prod(shape) * size or begin % size:
+        if dtype != layout.dtype or list(got) != shape or begin % size:
             return None
         spans.append((begin, end))
         out.setdefault(task, [0, shape[0], 0])[0 if kind == "weight" else 2] = begin // size
@@ -194,7 +189,7 @@ def _heads(text: str, tasks: tuple[TaskSpec, ...], layout: _Layout, data_bytes: 
 
 
 def _learn(split: tuple[dict, str, int], adapter: Adapter) -> None:
-    """Remember the block factors' table of a file the full parse has just accepted, when gathers can pack
+    """Remember the block factors' table of a file the full parse has just accepted, when a row gather can pack
     it: the blocks' entries first and tiling the data's first bytes, one dtype, one rank for every matrix."""
     _, table, _ = split
     cut = table.find(_HEADS)
