@@ -28,7 +28,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Generic, Iterator, Mapping, TypeVar
 
 import torch
 
@@ -444,24 +444,25 @@ def _json_field(text, key: str):
         raise AdapterFormatError(f"metadata '{key}' is not valid JSON (or is nested too deeply)") from None
 
 
+_Parsed = TypeVar("_Parsed")
 _REMEMBERED_TEXT_CHARS = 4096  # a longer value (a task with thousands of labels) is parsed each time: bounded memory
 
 
-def _by_text(parse):
+class _ByText(Generic[_Parsed]):
     """`parse` of one metadata value, remembered per distinct text: the base, tasks and preprocessing of the
     adapters a node serves are a few short texts repeated in every file, and their values are immutable.
     A refusal is not remembered (lru_cache keeps no exception): a bad text is refused again each time. At
     most 256 texts of at most _REMEMBERED_TEXT_CHARS each, however large the headers that reach it."""
-    remembered = functools.lru_cache(maxsize=256)(parse)
 
-    @functools.wraps(parse)
-    def run(text):
+    def __init__(self, parse: Callable[[object], _Parsed]) -> None:
+        self._parse = parse
+        self._remembered = functools.lru_cache(maxsize=256)(parse)
+        self.cache_info = self._remembered.cache_info
+
+    def __call__(self, text: object) -> _Parsed:
         if isinstance(text, str) and len(text) <= _REMEMBERED_TEXT_CHARS:
-            return remembered(text)
-        return parse(text)  # a non-string (refused) or a long text, uncached
-
-    run.cache_info = remembered.cache_info  # type: ignore[attr-defined]
-    return run
+            return self._remembered(text)
+        return self._parse(text)  # a non-string (refused) or a long text, uncached
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -513,7 +514,7 @@ def _parse_metadata(metadata: Mapping[str, str]) -> dict:
             "provenance": provenance, "created": created}
 
 
-@_by_text
+@_ByText
 def _parse_base(text) -> BaseSpec:
     base = _json_field(text, "base")
     _need(isinstance(base, dict), "metadata 'base' must be a JSON object")
@@ -527,7 +528,7 @@ def _parse_base(text) -> BaseSpec:
     return BaseSpec(base["model"], base["fingerprint"], base["embed_dim"], base["depth"])
 
 
-@_by_text
+@_ByText
 def _parse_tasks(text) -> tuple[TaskSpec, ...]:
     tasks_json = _json_field(text, "tasks")
     _need(isinstance(tasks_json, list) and bool(tasks_json), "metadata 'tasks' must be a non-empty JSON list")
@@ -549,7 +550,7 @@ def _parse_tasks(text) -> tuple[TaskSpec, ...]:
     return tuple(tasks)
 
 
-@_by_text
+@_ByText
 def _parse_preprocess(text) -> Preprocess:
     pp = _json_field(text, "preprocess")
     _need(isinstance(pp, dict), "metadata 'preprocess' must be a JSON object")
