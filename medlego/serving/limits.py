@@ -168,23 +168,47 @@ def _short(value) -> str:
 
 
 def decode_base64(text, what: str = "image") -> bytes:
-    """Standard or URL-safe base64 (a data: URL prefix is accepted) → bytes, or a 400."""
+    """Standard or URL-safe base64 (a data: URL prefix is accepted; whitespace is ignored) → bytes, or a 400.
+
+    Every pass is over one piece of _B64_PIECE characters, never the whole string: each piece is a Python
+    step, so a worker thread decoding megabytes lets the event loop (and /healthz) run between them."""
     if not isinstance(text, str) or not text:
         raise BadInputError(f"'{what}' must be a non-empty base64 string")
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    text = "".join(text.split())
-    text += "=" * (-len(text) % 4)
+    start = text.index(",") + 1 if text.startswith("data:") and "," in text else 0
+    out: list[bytes] = []
+    carry, padding = "", 0  # carry: < 4 data characters left from the last piece; padding: '=' seen at the end
     try:
-        if "=" in text[:-2]:
-            raise ValueError("padding inside the data")
-        if "-" in text or "_" in text:
-            text = text.replace("-", "+").replace("_", "/")
-        # in pieces: each piece is a Python step, so a thread decoding megabytes lets the event loop run
-        return b"".join(base64.b64decode(text[i:i + _B64_PIECE], validate=True)
-                        for i in range(0, len(text), _B64_PIECE))
+        for i in range(start, len(text), _B64_PIECE):
+            piece = _canonical(text[i:i + _B64_PIECE])
+            if padding:
+                if piece.strip("="):
+                    raise ValueError("data after the padding")
+                padding += len(piece)
+                continue
+            if "=" in piece:
+                data = piece.rstrip("=")
+                if "=" in data:
+                    raise ValueError("padding inside the data")
+                padding, piece = len(piece) - len(data), data
+            piece = carry + piece
+            whole = len(piece) - len(piece) % 4
+            out.append(base64.b64decode(piece[:whole], validate=True))
+            carry = piece[whole:]
+        padding += -(len(carry) + padding) % 4
+        if padding > 2:  # the same rule as a whole-string decode: '=' only in the last two places
+            raise ValueError("too much padding")
+        out.append(base64.b64decode(carry + "=" * padding, validate=True))
     except (binascii.Error, ValueError):
         raise BadInputError(f"'{what}' is not valid base64") from None
+    return b"".join(out)
+
+
+def _canonical(piece: str) -> str:
+    """One piece without whitespace and with the URL-safe alphabet mapped to the standard one."""
+    piece = "".join(piece.split())
+    if "-" in piece or "_" in piece:
+        piece = piece.replace("-", "+").replace("_", "/")
+    return piece
 
 
 _B64_PIECE = 1 << 20  # characters (a multiple of 4)
