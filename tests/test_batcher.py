@@ -137,3 +137,39 @@ def test_requests_still_being_decoded_are_waited_for(engine):
         assert sizes == [2]
     finally:
         batcher.stop()
+
+
+def test_a_caller_still_resolving_its_adapter_is_waited_for(engine):
+    """A thread caller inside engine.request (resolving, perhaps loading its adapter) is about to queue: the
+    batch waits max_wait more for it, as for an image being decoded; with nobody resolving it would not."""
+    sizes = _recording(engine)
+    gate = threading.Event()
+    resolving = threading.Event()
+    original = engine.resolve
+
+    def slow_resolve(ref, **kw):
+        if ref == "a1":
+            resolving.set()
+            gate.wait(10)  # a registry or node-cache read that takes a while
+        return original(ref, **kw)
+
+    engine.resolve = slow_resolve
+    batcher = DynamicBatcher(engine, max_batch=8, max_wait_ms=400, max_queue=16)
+    try:
+        x = torch.randn(3, 32, 32)
+        late = []
+        caller = threading.Thread(target=lambda: late.append(batcher.submit_future(x, "a1")))
+        caller.start()
+        resolving.wait(10)
+        first = batcher.submit_future(x, "a0")
+        threading.Event().wait(0.55)  # past max_wait, within max_wait more for the one resolving
+        gate.set()
+        caller.join(10)
+        first.result(30), late[0].result(30)
+        assert sizes == [2]
+        alone = batcher.submit_future(x, "a2")  # nobody resolving: max_wait, then the batch runs alone
+        alone.result(30)
+        assert sizes == [2, 1]
+    finally:
+        gate.set()
+        batcher.stop()

@@ -3,7 +3,7 @@
 Requests are resolved and validated by the caller (``engine.request``: this is where a cold
 adapter is loaded into host memory, off the batch path), then queued. One worker thread takes up
 to ``max_batch`` requests, waiting at most ``max_wait_ms`` after the first (or after the engine
-became free, if later; ``max_wait_ms`` more while requests are still being decoded), and runs
+became free, if later; ``max_wait_ms`` more while requests are still being decoded or resolved), and runs
 them through the engine as one mixed-adapter batch. Each caller waits on its own future; a
 cancelled caller is dropped before the batch runs and never breaks it; a request that fails
 alone fails alone.
@@ -47,6 +47,7 @@ class DynamicBatcher:
         self.counters = engine.counters
         self._queue: deque[_Item] = deque()
         self._free_since = 0.0  # when the engine last finished a batch (perf_counter; the worker's own)
+        self._resolving = 0  # callers of submit/submit_future inside engine.request: about to queue
         self._cv = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="medlego-batcher", daemon=True)
@@ -69,13 +70,25 @@ class DynamicBatcher:
     def submit_future(self, image: torch.Tensor, adapter_ref: str | None, task: str | None = None,
                       top_k: int | None = None) -> cf.Future:
         """Resolve + validate in the caller's thread (raises its own error), then queue."""
-        return self.submit_request(self.engine.request(image, adapter_ref, task, top_k))
+        return self.submit_request(self._prepared(image, adapter_ref, task, top_k))
 
     async def submit(self, image, adapter_ref, task=None, top_k=None) -> Diagnosis:
         loop = asyncio.get_running_loop()
         # resolve may read an adapter from disk: keep it off the event loop
-        request = await loop.run_in_executor(None, self.engine.request, image, adapter_ref, task, top_k)
+        request = await loop.run_in_executor(None, self._prepared, image, adapter_ref, task, top_k)
         return await asyncio.wrap_future(self.submit_request(request))
+
+    def _prepared(self, image, adapter_ref, task, top_k) -> Request:
+        """engine.request, counted as about to queue while it runs: a closed-loop client answered by the last
+        batch resolves (and may load) its next adapter before it queues again, and a batch waits for it as
+        it waits for an image being decoded (at most max_wait more)."""
+        with self._cv:
+            self._resolving += 1
+        try:
+            return self.engine.request(image, adapter_ref, task, top_k)
+        finally:
+            with self._cv:
+                self._resolving -= 1  # before it is queued: a batch never waits for what is there
 
     @property
     def queue_depth(self) -> int:
@@ -94,9 +107,10 @@ class DynamicBatcher:
             # batches of 2 alternating, each request waiting out the other batch as well as its own)
             deadline = max(self._queue[0].enqueued, self._free_since) + self.max_wait
             while len(self._queue) < self.max_batch and not self._stopped:
-                # requests still being decoded are nearly here (clients just answered, sending again):
-                # worth max_wait more
-                remaining = deadline + (self.max_wait if self.preparing() else 0.0) - time.perf_counter()
+                # requests still being decoded or resolved are nearly here (clients just answered, sending
+                # again): worth max_wait more
+                nearly_here = self._resolving or self.preparing()
+                remaining = deadline + (self.max_wait if nearly_here else 0.0) - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._cv.wait(remaining)
