@@ -26,6 +26,7 @@ from medlego.runtime.errors import BadInputError, MedlegoError, error_class
 from medlego.runtime.registry.audit import CURRENT
 
 from .contract import ADMIN_OPERATIONS, DiagnoseItem
+from .heap import freeze_startup_heap
 from .ray_metrics import RayMetricsBridge
 from .ray_resilience import EngineProbe, inject_fault
 from .reads import off_loop
@@ -119,6 +120,7 @@ class MedlegoReplica:
                      "pid": os.getpid()}
         self.service = DiagnosisService.from_config(cfg, replica=self.replica_id)
         self.service.warmup()
+        freeze_startup_heap()  # a replica process is only this server
         self.probe = EngineProbe(self.service)
         self._held: set[str] = set()
         self.requests = 0

@@ -23,6 +23,7 @@ from medlego.runtime.config import API_TOKEN_ENV, ServerConfig
 
 from .app import create_app
 from .grpc_service import build_grpc_server, set_serving
+from .heap import freeze_startup_heap
 from .http_guard import connection_cap, guarded_protocol, quiet_exception_handler
 from .service import DiagnosisService
 
@@ -84,6 +85,7 @@ class EmbeddedServer:
         self._thread: threading.Thread | None = None
         self._bound = threading.Event()
         self._error: BaseException | None = None
+        self._owns_process = False  # run(): this process is the server, and its startup heap is frozen
         self.ready = threading.Event()
 
     @property
@@ -127,6 +129,8 @@ class EmbeddedServer:
                     self._error = e  # start() raises it; run() keeps serving health and metrics
                     self.ready.set()
                     return
+            if self._owns_process:
+                log.info("startup heap frozen: %d objects out of full collections", freeze_startup_heap())
             if health is not None:
                 await set_serving(health, True)
             self.ready.set()
@@ -180,6 +184,7 @@ class EmbeddedServer:
         uvicorn catches the signal, drains, and re-raises it once it is done; the no-op handlers
         installed here make that re-raise a normal return (exit status 0) instead of a kill."""
         previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._owns_process = True
         try:
             asyncio.run(self.serve())
         finally:
