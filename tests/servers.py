@@ -88,8 +88,9 @@ class HealthProbe:
     def __enter__(self) -> "HealthProbe":
         # the server under test shares this test session's heap, which a serving process freezes once warm
         # (serving/heap.py): late in a full run a collection of it held the lock for 1.6 s, a pause of the
-        # session, not of the server. Frozen for the probe's window, as `medlego serve` has it.
-        gc.collect()
+        # session, not of the server. Frozen for the probe's window, as `medlego serve` has it. No collection
+        # first: it takes seconds late in a run, and the test's clock (a body's grace period) is already running;
+        # what is garbage now is collected after unfreeze.
         gc.freeze()
         self._thread.start()
         time.sleep(0.1)
